@@ -1,0 +1,1 @@
+//! What every Cloister vhost-user backend daemon shares.

@@ -1,0 +1,1 @@
+//! Seccomp filters per process and thread role, and Landlock helpers.

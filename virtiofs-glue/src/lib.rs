@@ -1,0 +1,1 @@
+//! The virtio-fs device and its integration with virtiofsd.
