@@ -1,0 +1,41 @@
+//! Finds the project's freshly built binaries, so the lab runs exactly what this test run built.
+
+use std::path::PathBuf;
+
+use crate::HarnessError;
+
+/// The binaries a scenario may use; only `cloister` is required.
+pub const PROJECT_BINARIES: &[&str] = &["cloister", "vhost-user-blk", "vhost-user-net"];
+
+/// `target/<profile>/`, found from the running test executable (`target/<profile>/deps/NAME`).
+pub fn profile_dir() -> Result<PathBuf, HarnessError> {
+    let exe = std::env::current_exe().map_err(HarnessError::CurrentExe)?;
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .map(PathBuf::from)
+        .ok_or_else(|| HarnessError::Binary(format!("no target directory above {}", exe.display())))
+}
+
+/// The path of one project binary; a clear error says how to build it when it is missing.
+pub fn binary(name: &str) -> Result<PathBuf, HarnessError> {
+    let path = profile_dir()?.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(HarnessError::Binary(format!(
+            "{} is missing: run `cargo build --workspace` (same profile as the tests) first",
+            path.display()
+        )))
+    }
+}
+
+/// Every project binary that exists, `cloister` first (and required).
+pub fn all() -> Result<Vec<PathBuf>, HarnessError> {
+    let mut found = vec![binary("cloister")?];
+    for name in &PROJECT_BINARIES[1..] {
+        if let Ok(path) = binary(name) {
+            found.push(path);
+        }
+    }
+    Ok(found)
+}
