@@ -7,7 +7,7 @@
 #
 # L1 = Debian's cloud kernel + a stage-1 initramfs that mounts an ext4 root holding busybox, the
 #      kvm modules, iproute2, fio, iperf3 and QEMU (binaries and their libraries copied from the
-#      host's Debian packages, which lab/install-host-deps.sh installs).
+#      host's Debian packages, which scripts/install-deps.sh installs).
 # L2 = the same kernel as bzImage and as a PVH vmlinux extracted from it, and a busybox initramfs
 #      whose /init runs the test named by cloister.test= on the kernel command line.
 # rootfs = a Debian 12 root filesystem (debootstrap minbase + systemd) as an ext4 image.

@@ -12,6 +12,7 @@ for dir in "$payload"/scenarios/*/; do
     name=$(basename "$dir")
     name=${name#*-}
     export RESULTS_DIR="$payload/results/$name"
+    export SCENARIO_DIR="${dir%/}"
     mkdir -p "$RESULTS_DIR"
     limit=$(cat "$dir/timeout" 2>/dev/null || echo 300)
     echo "@@CLOISTER-SCENARIO-BEGIN $name@@"

@@ -1,6 +1,6 @@
 # Helpers for scenario scripts (sourced). A scenario sees BIN_DIR (the project's binaries),
 # GUEST_DIR (bzImage, vmlinux, initramfs.cpio), RESULTS_DIR (its working directory; files left
-# there reach the test) and PAYLOAD_DIR.
+# there reach the test), SCENARIO_DIR (its own files) and PAYLOAD_DIR.
 
 # mark KEY VALUE: a structured result the test reads back.
 mark() {

@@ -7,12 +7,15 @@ use crate::HarnessError;
 /// The binaries a scenario may use; only `cloister` is required.
 pub const PROJECT_BINARIES: &[&str] = &["cloister", "vhost-user-blk", "vhost-user-net"];
 
-/// `target/<profile>/`, found from the running test executable (`target/<profile>/deps/NAME`).
+/// `target/<profile>/`, found from the running executable: a test (`target/<profile>/deps/NAME`)
+/// or one of this crate's binaries (`target/<profile>/NAME`).
 pub fn profile_dir() -> Result<PathBuf, HarnessError> {
     let exe = std::env::current_exe().map_err(HarnessError::CurrentExe)?;
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .map(PathBuf::from)
+    let mut dir = exe.parent();
+    if dir.is_some_and(|d| d.ends_with("deps")) {
+        dir = dir.and_then(|d| d.parent());
+    }
+    dir.map(PathBuf::from)
         .ok_or_else(|| HarnessError::Binary(format!("no target directory above {}", exe.display())))
 }
 

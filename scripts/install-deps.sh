@@ -17,11 +17,12 @@ need_install=0
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need_install=1
 done
-command -v cargo >/dev/null || { echo "install-host-deps: cargo is required (rustup)" >&2; exit 1; }
-[ "$need_install" = 1 ] || exit 0
+if [ "$need_install" = 0 ]; then
+    command -v cargo >/dev/null && exit 0
+fi
 
 if [ "$(id -u)" != 0 ]; then
-    echo "install-host-deps: missing packages and not root; run as root: $0" >&2
+    echo "install-deps: missing packages and not root; run as root: $0" >&2
     exit 1
 fi
 
@@ -41,3 +42,10 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 # -t pulls QEMU's own dependencies (qemu-system-data, seabios, ...) from backports as well.
 apt-get install -y -q --no-install-recommends -t bookworm-backports "${packages[@]}"
+
+# The Rust toolchain: rustup's (what these machines have) or, failing that, Debian's, which must
+# be recent enough for the workspace's rust-version.
+if ! command -v cargo >/dev/null; then
+    apt-get install -y -q --no-install-recommends cargo rustc rustfmt rust-clippy || true
+fi
+command -v cargo >/dev/null || { echo "install-deps: no cargo; install Rust >= 1.80 (rustup)" >&2; exit 1; }
