@@ -1,0 +1,228 @@
+//! The command line and the validated VM configuration built from it.
+//!
+//! Parsing is pure (the host's RAM size is passed in) so every rule is unit-tested; opening
+//! files happens when the VM is built, but failures there are still reported as
+//! [`ConfigError`]s naming the option.
+
+pub mod cpus;
+pub mod kv;
+pub mod memory;
+pub mod serial;
+pub mod size;
+
+use std::io;
+use std::path::PathBuf;
+
+use clap::Parser;
+use thiserror::Error;
+
+pub use cpus::{CpusConfig, CpusError};
+pub use memory::{MemoryConfig, MemoryError};
+pub use serial::{SerialConfig, SerialError};
+
+use crate::boot::KernelError;
+
+/// Default guest command line: the console on the first UART, which is all a guest needs to
+/// talk to us. Anything else is the user's choice.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+
+/// Cloister: a minimal KVM virtual machine monitor.
+///
+/// Boots a Linux kernel (an ELF vmlinux through its PVH entry point, or a bzImage through the
+/// 64-bit boot protocol) with the guest's first serial port on this terminal.
+#[derive(Debug, Parser)]
+#[command(name = "cloister", version, about, long_about)]
+pub struct Cli {
+    /// Guest kernel: an uncompressed ELF vmlinux with a PVH entry note (CONFIG_PVH=y), or a
+    /// bzImage. The format is detected from the file's contents.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+
+    /// Initramfs (cpio archive, optionally compressed) handed to the kernel as its initrd.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+
+    /// Kernel command line, passed to the guest unchanged.
+    #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+
+    /// vCPUs: boot=N starts N vCPUs (1 to 254, and no more than KVM allows).
+    #[arg(long, value_name = "boot=N", default_value = "boot=1")]
+    pub cpus: String,
+
+    /// Guest RAM: size=SIZE with a K, M, G or T suffix (binary units). RAM above 3G is placed
+    /// above the 4G boundary. Memory is reserved lazily, so large sizes cost nothing until the
+    /// guest touches them, but the size may not exceed the host's total RAM.
+    #[arg(long, value_name = "size=SIZE", default_value = "size=512M")]
+    pub memory: String,
+
+    /// Guest serial console (ttyS0): "tty" connects it to this process's stdout and stdin (the
+    /// terminal is put in raw mode while the guest runs, so Ctrl-C goes to the guest), "off"
+    /// discards its output, "file=PATH" writes its output to PATH.
+    #[arg(long, value_name = "tty|off|file=PATH", default_value = "tty")]
+    pub serial: String,
+}
+
+/// A user error: names the option and the value, and says what is wrong.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("--cpus {value}")]
+    Cpus {
+        value: String,
+        #[source]
+        source: CpusError,
+    },
+    #[error("--cpus {value}: {requested} vCPUs requested, but KVM allows at most {max}")]
+    CpusAboveKvmMax {
+        value: String,
+        requested: usize,
+        max: usize,
+    },
+    #[error("--memory {value}")]
+    Memory {
+        value: String,
+        #[source]
+        source: MemoryError,
+    },
+    #[error("--serial {value}")]
+    Serial {
+        value: String,
+        #[source]
+        source: SerialError,
+    },
+    #[error("--serial file={}: cannot create", path.display())]
+    SerialFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--kernel {}", path.display())]
+    Kernel {
+        path: PathBuf,
+        #[source]
+        source: KernelError,
+    },
+    #[error("--initramfs {}", path.display())]
+    Initramfs {
+        path: PathBuf,
+        #[source]
+        source: InitramfsError,
+    },
+    #[error("--cmdline: {len} bytes is longer than the kernel's limit of {max}")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("--cmdline: contains a NUL byte")]
+    CmdlineNul,
+}
+
+#[derive(Debug, Error)]
+pub enum InitramfsError {
+    #[error("cannot open")]
+    Open(#[source] io::Error),
+    #[error("not a regular file")]
+    NotAFile,
+    #[error("cannot read")]
+    Read(#[source] io::Error),
+    #[error("{size} bytes does not fit in guest RAM below {limit:#x} above the kernel")]
+    TooLarge { size: u64, limit: u64 },
+}
+
+/// Everything needed to build the VM, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: CpusConfig,
+    pub memory: MemoryConfig,
+    pub serial: SerialConfig,
+}
+
+impl VmConfig {
+    /// Validates the command line. `host_ram` is the host's total RAM in bytes.
+    pub fn from_cli(cli: &Cli, host_ram: u64) -> Result<Self, ConfigError> {
+        let cpus = CpusConfig::parse(&cli.cpus).map_err(|source| ConfigError::Cpus {
+            value: cli.cpus.clone(),
+            source,
+        })?;
+        let memory =
+            MemoryConfig::parse(&cli.memory, host_ram).map_err(|source| ConfigError::Memory {
+                value: cli.memory.clone(),
+                source,
+            })?;
+        let serial = SerialConfig::parse(&cli.serial).map_err(|source| ConfigError::Serial {
+            value: cli.serial.clone(),
+            source,
+        })?;
+        if cli.cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        Ok(VmConfig {
+            kernel: cli.kernel.clone(),
+            initramfs: cli.initramfs.clone(),
+            cmdline: cli.cmdline.clone(),
+            cpus,
+            memory,
+            serial,
+        })
+    }
+}
+
+/// The host's total RAM in bytes, from sysinfo(2).
+pub fn host_ram_bytes() -> io::Result<u64> {
+    // SAFETY: sysinfo only writes into the zeroed struct we pass.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a properly sized struct.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::useless_conversion)] // totalram is u32 on 32-bit targets
+    let total = u64::from(info.totalram);
+    Ok(total.saturating_mul(u64::from(info.mem_unit)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut v = vec!["cloister", "--kernel", "/k"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let cfg = VmConfig::from_cli(&cli(&[]), 24 << 30).unwrap();
+        assert_eq!(cfg.cpus.boot, 1);
+        assert_eq!(cfg.memory.size, 512 << 20);
+        assert_eq!(cfg.serial, SerialConfig::Tty);
+        assert_eq!(cfg.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(cfg.initramfs, None);
+    }
+
+    #[test]
+    fn errors_name_the_option() {
+        let chain = |e: &dyn std::error::Error| {
+            let mut s = e.to_string();
+            let mut src = e.source();
+            while let Some(e) = src {
+                s.push_str(": ");
+                s.push_str(&e.to_string());
+                src = e.source();
+            }
+            s
+        };
+        let e = VmConfig::from_cli(&cli(&["--cpus", "boot=0"]), 1 << 30).unwrap_err();
+        assert_eq!(chain(&e), "--cpus boot=0: boot must be at least 1");
+        let e = VmConfig::from_cli(&cli(&["--memory", "size=0"]), 1 << 30).unwrap_err();
+        assert_eq!(chain(&e), "--memory size=0: size must be greater than 0");
+        let e = VmConfig::from_cli(&cli(&["--serial", "bogus"]), 1 << 30).unwrap_err();
+        assert!(chain(&e).starts_with("--serial bogus: 'bogus' is not a serial mode"));
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
