@@ -1,0 +1,63 @@
+//! The Cloister VMM core: KVM vCPUs, guest memory, the platform devices and the boot path.
+
+pub mod acpi;
+pub mod boot;
+pub mod config;
+pub mod cpu;
+pub mod devices;
+pub mod exit;
+pub mod irqchip;
+pub mod layout;
+pub mod memory;
+pub mod terminal;
+pub mod vm;
+
+use thiserror::Error;
+
+pub use config::ConfigError;
+pub use exit::ExitReason;
+pub use vm::{Vm, VmError};
+
+/// Top-level error: either the user's input is wrong (exit status 2, like clap's usage
+/// errors) or the VM could not be built or run (exit status 1).
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_) => 2,
+            Error::Vm(_) => 1,
+        }
+    }
+}
+
+/// `error: source: source ...`, one line, for the top-level message.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(e) = source {
+        let next = e.to_string();
+        // Transparent wrappers repeat their source's text; print it once.
+        if !s.ends_with(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
+        source = e.source();
+    }
+    s
+}
+
+/// Validates the command line, builds the VM and runs it.
+pub fn run(cli: &config::Cli) -> Result<ExitReason, Error> {
+    let host_ram =
+        config::host_ram_bytes().map_err(|e| VmError::Io("read the host's memory size", e))?;
+    let cfg = config::VmConfig::from_cli(cli, host_ram)?;
+    let vm = Vm::new(&cfg)?;
+    Ok(vm.run()?)
+}

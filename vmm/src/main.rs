@@ -1,0 +1,26 @@
+//! `cloister`: parse the command line, run the VM, turn the outcome into a message and an exit
+//! status.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::config::Cli;
+use vmm::ExitReason;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match vmm::run(&cli) {
+        Ok(reason) => {
+            match &reason {
+                ExitReason::PowerOff => {}
+                ExitReason::Reboot | ExitReason::Signal(_) => eprintln!("cloister: {reason}"),
+                _ => eprintln!("cloister: error: {reason}"),
+            }
+            ExitCode::from(reason.exit_code())
+        }
+        Err(e) => {
+            eprintln!("cloister: error: {}", vmm::error_chain(&e));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! Building the VM from a [`VmConfig`] and running it until it stops.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+
+use crate::acpi::{self, AcpiError};
+use crate::boot::{self, BootError, Initramfs, Kernel};
+use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::cpu::{cpuid, msrs, Vcpu, VcpuContext, VcpuError};
+use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_PORT, ACPI_PM_PORT_LEN};
+use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+use crate::devices::pvpanic::{PvPanic, PVPANIC_PORT};
+use crate::devices::serial::{Output, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use crate::devices::{Bus, BusDevice, BusError};
+use crate::exit::ExitLatch;
+pub use crate::exit::ExitReason;
+use crate::irqchip::{self, IrqchipError};
+use crate::layout::{RamLayout, KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use crate::memory::{GuestRam, MemoryError};
+use crate::terminal::RawTerminal;
+
+/// A failure of the VMM or KVM (not of the user's input).
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("cannot {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Irqchip(#[from] IrqchipError),
+    #[error("guest memory")]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot write boot structures")]
+    Boot(#[source] BootError),
+    #[error("cannot add a device to the bus")]
+    Bus(#[from] BusError),
+    #[error("cannot {0}")]
+    Io(&'static str, #[source] io::Error),
+    #[error("cannot build the {0} list")]
+    Fam(&'static str, #[source] vmm_sys_util::fam::Error),
+    #[error("cannot {0}")]
+    Signal(&'static str, #[source] vmm_sys_util::errno::Error),
+}
+
+/// A VM ready to run: memory loaded, devices attached, vCPUs configured.
+pub struct Vm {
+    // Kept alive for the VM's lifetime: KVM needs the VM fd, vCPUs need the VM.
+    _kvm: Kvm,
+    _vm_fd: VmFd,
+    ram: GuestRam,
+    vcpus: Vec<Vcpu>,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    exit: Arc<ExitLatch>,
+    serial: Arc<SerialDevice>,
+    /// stdin feeds the UART (`--serial tty`).
+    console_input: bool,
+}
+
+impl Vm {
+    /// Builds the VM. User errors come back as [`crate::Error::Config`] (exit status 2), VMM
+    /// and KVM failures as [`crate::Error::Vm`].
+    pub fn new(cfg: &VmConfig) -> Result<Self, crate::Error> {
+        // Everything the user named is opened first, so mistakes are reported before any
+        // KVM work.
+        let kernel = Kernel::open(&cfg.kernel).map_err(|source| ConfigError::Kernel {
+            path: cfg.kernel.clone(),
+            source,
+        })?;
+        let initramfs = match &cfg.initramfs {
+            Some(path) => Some(
+                Initramfs::open(path).map_err(|source| ConfigError::Initramfs {
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        let serial_out: Output = match &cfg.serial {
+            SerialConfig::Tty => Box::new(io::stdout()),
+            SerialConfig::Off => Box::new(io::sink()),
+            SerialConfig::File(path) => {
+                Box::new(
+                    File::create(path).map_err(|source| ConfigError::SerialFile {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
+        };
+
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let vcpu_count = cfg.cpus.boot;
+        let kvm_max = kvm.get_max_vcpus();
+        if vcpu_count > kvm_max {
+            return Err(ConfigError::CpusAboveKvmMax {
+                value: format!("boot={vcpu_count}"),
+                requested: vcpu_count,
+                max: kvm_max,
+            }
+            .into());
+        }
+        let vm_fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("create the VM", e))?;
+        // Needed on Intel (real-mode emulation via VMX); harmless elsewhere. Both live in the
+        // MMIO hole, outside guest RAM.
+        vm_fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(|e| VmError::Kvm("set the identity map address", e))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_START as usize)
+            .map_err(|e| VmError::Kvm("set the TSS address", e))?;
+        irqchip::setup(&vm_fd).map_err(VmError::from)?;
+
+        let ram = GuestRam::new(RamLayout::new(cfg.memory.size)).map_err(VmError::from)?;
+        ram.register(&vm_fd).map_err(VmError::from)?;
+
+        let exit = Arc::new(ExitLatch::new().map_err(|e| VmError::Io("create an eventfd", e))?);
+        let io_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(Bus::new());
+
+        let serial_irq =
+            EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Io("create an eventfd", e))?;
+        vm_fd
+            .register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(|e| VmError::Kvm("register the serial port's irqfd", e))?;
+        let serial = Arc::new(
+            SerialDevice::new(serial_irq, serial_out)
+                .map_err(|e| VmError::Io("create an eventfd", e))?,
+        );
+        let add =
+            |dev: Arc<dyn BusDevice>, base: u16, len: u64| io_bus.insert(dev, u64::from(base), len);
+        add(serial.clone(), COM1_PORT, COM1_PORT_LEN).map_err(VmError::from)?;
+        add(
+            Arc::new(I8042::new(exit.clone())),
+            I8042_PORT,
+            I8042_PORT_LEN,
+        )
+        .map_err(VmError::from)?;
+        add(
+            Arc::new(AcpiPm::new(exit.clone())),
+            ACPI_PM_PORT,
+            ACPI_PM_PORT_LEN,
+        )
+        .map_err(VmError::from)?;
+        add(Arc::new(PvPanic::new(exit.clone())), PVPANIC_PORT, 1).map_err(VmError::from)?;
+
+        acpi::create_tables(&ram.memory, vcpu_count).map_err(VmError::from)?;
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Kvm("get the supported CPUID", e))?;
+        let base_cpuid = supported.as_slice().to_vec();
+
+        let entry = boot::setup(
+            &ram,
+            kernel,
+            initramfs,
+            &cfg.cmdline,
+            cpuid::has_1g_pages(&base_cpuid),
+        )
+        .map_err(|e| boot_error(cfg, e))?;
+
+        let msrs = msrs::boot_msrs().map_err(|e| VmError::Fam("MSR", e))?;
+        let mut vcpus = Vec::with_capacity(vcpu_count);
+        for index in 0..vcpu_count {
+            let vcpu = Vcpu::new(&vm_fd, index).map_err(VmError::from)?;
+            let mut entries = base_cpuid.clone();
+            cpuid::patch(&mut entries, index as u32, vcpu_count as u32);
+            let cpuid = CpuId::from_entries(&entries).map_err(|e| VmError::Fam("CPUID", e))?;
+            let boot = (index == 0).then_some((&ram.memory, &entry));
+            vcpu.configure(&cpuid, &msrs, boot).map_err(VmError::from)?;
+            vcpus.push(vcpu);
+        }
+
+        Ok(Vm {
+            _kvm: kvm,
+            _vm_fd: vm_fd,
+            ram,
+            vcpus,
+            io_bus,
+            mmio_bus,
+            exit,
+            serial,
+            console_input: cfg.serial == SerialConfig::Tty,
+        })
+    }
+
+    /// Guest RAM (for tests and, later, vhost-user backends).
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Runs the guest until it powers off, reboots, panics or fails, or we get SIGINT,
+    /// SIGTERM or SIGHUP. The terminal is restored before this returns.
+    pub fn run(mut self) -> Result<ExitReason, VmError> {
+        // Termination signals are taken through a signalfd by this thread only; blocking them
+        // before spawning means vCPU threads inherit the mask and never see them.
+        let signals = SignalFd::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+            .map_err(|e| VmError::Io("set up signal handling", e))?;
+        crate::cpu::vcpu::install_kick_handler()
+            .map_err(|e| VmError::Signal("install the vCPU kick handler", e))?;
+        let _terminal = if self.console_input {
+            Some(
+                RawTerminal::enable()
+                    .map_err(|e| VmError::Io("set the terminal to raw mode", e))?,
+            )
+        } else {
+            None
+        };
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let ctx = VcpuContext {
+            io_bus: self.io_bus.clone(),
+            mmio_bus: self.mmio_bus.clone(),
+            exit: self.exit.clone(),
+            stop: stop.clone(),
+        };
+        let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(self.vcpus.len());
+        let mut spawn_error = None;
+        for vcpu in self.vcpus.drain(..) {
+            let ctx = ctx.clone();
+            let index = vcpu.index;
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || {
+                    let exit = ctx.exit.clone();
+                    let r =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run(ctx)));
+                    if r.is_err() {
+                        exit.request(ExitReason::VcpuFailure {
+                            vcpu: index,
+                            detail: "vCPU thread panicked".into(),
+                        });
+                    }
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    spawn_error = Some(e);
+                    break;
+                }
+            }
+        }
+
+        let result = match spawn_error {
+            None => self.wait_for_exit(&signals),
+            Some(e) => Err(VmError::Io("start a vCPU thread", e)),
+        };
+
+        stop.store(true, Ordering::Release);
+        for t in &threads {
+            // A thread that already finished is still joinable, so the handle is valid.
+            let _ = t.kill(crate::cpu::vcpu::kick_signal());
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        result
+    }
+
+    /// The main thread's loop: waits for an exit request or a signal, and pumps stdin into
+    /// the UART, never faster than the guest drains its FIFO.
+    fn wait_for_exit(&self, signals: &SignalFd) -> Result<ExitReason, VmError> {
+        let drained = self
+            .serial
+            .drained_event()
+            .map_err(|e| VmError::Io("create an eventfd", e))?;
+        let mut stdin_open = self.console_input;
+        let mut stdin_paused = false;
+        let mut buf = [0u8; 64];
+        loop {
+            if let Some(reason) = self.exit.reason() {
+                return Ok(reason);
+            }
+            let mut fds = [
+                pollfd(self.exit.eventfd().as_raw_fd()),
+                pollfd(signals.fd.as_raw_fd()),
+                pollfd(if stdin_open && !stdin_paused {
+                    libc::STDIN_FILENO
+                } else {
+                    -1
+                }),
+                pollfd(if stdin_open && stdin_paused {
+                    drained.as_raw_fd()
+                } else {
+                    -1
+                }),
+            ];
+            // SAFETY: a valid array of pollfds; negative fds are ignored by poll.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(VmError::Io("wait for events", e));
+            }
+            if fds[1].revents != 0 {
+                if let Some(signo) = signals.read() {
+                    self.exit.request(ExitReason::Signal(signo));
+                }
+            }
+            if fds[2].revents != 0 {
+                let space = self.serial.fifo_capacity().min(buf.len());
+                if space == 0 {
+                    // Clear stale "drained" events, then wait for a fresh one unless the guest
+                    // emptied the FIFO in between.
+                    let _ = drained.read();
+                    stdin_paused = self.serial.fifo_capacity() == 0;
+                    continue;
+                }
+                match io::stdin().lock().read(&mut buf[..space]) {
+                    Ok(0) => stdin_open = false,
+                    Ok(n) => {
+                        self.serial.enqueue_input(&buf[..n]);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => stdin_open = false,
+                }
+            }
+            if fds[3].revents != 0 {
+                let _ = drained.read();
+                stdin_paused = false;
+            }
+        }
+    }
+}
+
+fn pollfd(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// Maps a boot failure to the option that caused it.
+fn boot_error(cfg: &VmConfig, e: BootError) -> crate::Error {
+    match e {
+        BootError::Kernel(source) => ConfigError::Kernel {
+            path: cfg.kernel.clone(),
+            source,
+        }
+        .into(),
+        BootError::Initramfs(source) => ConfigError::Initramfs {
+            path: cfg.initramfs.clone().unwrap_or_default(),
+            source,
+        }
+        .into(),
+        BootError::CmdlineTooLong { len, max } => ConfigError::CmdlineTooLong { len, max }.into(),
+        e @ BootError::Memory(_) => VmError::Boot(e).into(),
+    }
+}
+
+/// Termination signals, blocked for the whole process and read from a signalfd.
+struct SignalFd {
+    fd: OwnedFd,
+}
+
+impl SignalFd {
+    fn new(signals: &[libc::c_int]) -> io::Result<Self> {
+        // SAFETY: sigset manipulation on a zeroed local, then pthread_sigmask/signalfd with
+        // valid pointers; results checked.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in signals {
+                libc::sigaddset(&mut set, *s);
+            }
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
+            }
+            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(SignalFd {
+                fd: OwnedFd::from_raw_fd(fd),
+            })
+        }
+    }
+
+    fn read(&self) -> Option<i32> {
+        // SAFETY: reading one signalfd_siginfo into a zeroed buffer of exactly its size.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                &mut info as *mut _ as *mut libc::c_void,
+                size,
+            )
+        };
+        (n == size as isize).then_some(info.ssi_signo as i32)
+    }
+}
