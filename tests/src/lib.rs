@@ -18,6 +18,7 @@ pub mod artifacts;
 pub mod binaries;
 pub mod lab;
 pub mod outcome;
+pub mod payload;
 pub mod scenario;
 pub mod shared;
 

@@ -1,0 +1,226 @@
+//! `cloister` on this host's `/dev/kvm` with our own tiny PVH payloads (stock kernels need the
+//! lab): every way a guest can end, SMP bring-up, and large memory.
+//!
+//! Without `/dev/kvm` these tests fail, unless `CLOISTER_SKIP_KVM=1` is set, in which case they
+//! print a SKIP line and pass.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use harness::payload::{self, Payload, Run};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether KVM tests can run; panics if KVM is missing and skipping was not asked for.
+fn kvm_available(test: &str) -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var("CLOISTER_SKIP_KVM").is_ok_and(|v| v == "1") {
+        eprintln!("SKIP {test}: /dev/kvm is missing and CLOISTER_SKIP_KVM=1");
+        return false;
+    }
+    panic!("/dev/kvm is missing: these tests need KVM (set CLOISTER_SKIP_KVM=1 to skip them)");
+}
+
+fn payload_path(kind: Payload) -> PathBuf {
+    payload::write(kind, &payload::scratch_dir()).expect("write payload")
+}
+
+/// Boots `kind` with extra cloister arguments.
+fn boot(kind: Payload, extra: &[&str]) -> Run {
+    let kernel = payload_path(kind);
+    let mut args = vec!["--kernel", kernel.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    payload::run_cloister(&args, TIMEOUT)
+}
+
+fn assert_clean_stderr(run: &Run) {
+    assert!(
+        !run.stderr.contains("panicked") && !run.stderr.contains("RUST_BACKTRACE"),
+        "cloister panicked:\n{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn payload_boots_and_powers_off() {
+    if !kvm_available("payload_boots_and_powers_off") {
+        return;
+    }
+    let run = boot(Payload::PowerOff, &[]);
+    assert_eq!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.stdout, format!("{}\n", payload::MARKER_OK));
+    assert_eq!(run.stderr, "", "a clean poweroff prints nothing");
+}
+
+#[test]
+fn triple_fault_is_an_error() {
+    if !kvm_available("triple_fault_is_an_error") {
+        return;
+    }
+    let run = boot(Payload::TripleFault, &[]);
+    assert_eq!(run.exit_code(), 1, "stderr:\n{}", run.stderr);
+    assert!(run.stdout.contains(payload::MARKER_TRIPLE_FAULT));
+    assert!(
+        run.stderr.contains("triple fault"),
+        "stderr:\n{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("vCPU 0"), "stderr:\n{}", run.stderr);
+    assert_clean_stderr(&run);
+}
+
+#[test]
+fn pvpanic_is_an_error() {
+    if !kvm_available("pvpanic_is_an_error") {
+        return;
+    }
+    let run = boot(Payload::Panic, &[]);
+    assert_eq!(run.exit_code(), 1, "stderr:\n{}", run.stderr);
+    assert!(run.stdout.contains(payload::MARKER_PANIC));
+    assert_eq!(
+        run.stderr.trim_end(),
+        "cloister: error: guest kernel panicked"
+    );
+}
+
+#[test]
+fn i8042_reset_exits_zero() {
+    if !kvm_available("i8042_reset_exits_zero") {
+        return;
+    }
+    let run = boot(Payload::I8042Reset, &[]);
+    assert_eq!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
+    assert!(run.stdout.contains(payload::MARKER_RESET));
+    assert_eq!(
+        run.stderr.trim_end(),
+        "cloister: guest requested reboot; exiting"
+    );
+}
+
+#[test]
+fn fetch_from_nowhere_is_a_vcpu_error_not_a_silent_exit() {
+    if !kvm_available("fetch_from_nowhere_is_a_vcpu_error_not_a_silent_exit") {
+        return;
+    }
+    let run = boot(Payload::BadFetch, &[]);
+    assert!(run.stdout.contains(payload::MARKER_BAD_FETCH));
+    assert_ne!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr.starts_with("cloister: error: vCPU 0: "),
+        "stderr:\n{}",
+        run.stderr
+    );
+    assert_eq!(run.stderr.lines().count(), 1, "stderr:\n{}", run.stderr);
+    assert_clean_stderr(&run);
+}
+
+#[test]
+fn two_vcpus_boot_and_the_ap_waits_for_sipi() {
+    if !kvm_available("two_vcpus_boot_and_the_ap_waits_for_sipi") {
+        return;
+    }
+    // The AP sits in wait-for-SIPI the whole time; stopping must still be clean.
+    let run = boot(Payload::PowerOff, &["--cpus", "boot=2"]);
+    assert_eq!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.stdout, format!("{}\n", payload::MARKER_OK));
+}
+
+#[test]
+fn ap_starts_through_init_sipi() {
+    if !kvm_available("ap_starts_through_init_sipi") {
+        return;
+    }
+    let run = boot(Payload::Smp, &["--cpus", "boot=2"]);
+    assert_eq!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stdout.contains(payload::MARKER_SMP_AP_OK),
+        "stdout:\n{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn sixteen_gib_of_memory_and_four_vcpus() {
+    if !kvm_available("sixteen_gib_of_memory_and_four_vcpus") {
+        return;
+    }
+    let run = boot(
+        Payload::PowerOff,
+        &["--memory", "size=16G", "--cpus", "boot=4"],
+    );
+    assert_eq!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.stdout, format!("{}\n", payload::MARKER_OK));
+}
+
+#[test]
+fn serial_file_and_off() {
+    if !kvm_available("serial_file_and_off") {
+        return;
+    }
+    let log = payload::scratch_dir().join("console.log");
+    let arg = format!("file={}", log.display());
+    let run = boot(Payload::PowerOff, &["--serial", &arg]);
+    assert_eq!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.stdout, "");
+    let logged = std::fs::read_to_string(&log).expect("console log");
+    assert_eq!(logged, format!("{}\n", payload::MARKER_OK));
+
+    let run = boot(Payload::PowerOff, &["--serial", "off"]);
+    assert_eq!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.stdout, "");
+}
+
+#[test]
+fn sigterm_stops_a_hung_guest() {
+    if !kvm_available("sigterm_stops_a_hung_guest") {
+        return;
+    }
+    let kernel = payload_path(Payload::Hang);
+    let mut child = std::process::Command::new(payload::cloister_bin())
+        .args(["--kernel", kernel.to_str().expect("utf-8 path")])
+        .args(["--cpus", "boot=2"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn cloister");
+    // Wait for the marker, so the guest is running and halted.
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while !String::from_utf8_lossy(&seen).contains(payload::MARKER_HANG) {
+        let n = std::io::Read::read(&mut stdout, &mut buf).expect("read stdout");
+        assert!(n > 0, "cloister exited before the marker");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().expect("wait for cloister");
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end(), "cloister: terminated by signal SIGTERM");
+}
+
+/// Not a test: writes every payload to `$CLOISTER_PAYLOAD_DIR` for manual runs and the lab.
+/// `CLOISTER_PAYLOAD_DIR=/tmp/p cargo test -p cloister-tests --test host_boot -- --ignored`
+#[test]
+#[ignore]
+fn write_payloads() {
+    let dir =
+        PathBuf::from(std::env::var_os("CLOISTER_PAYLOAD_DIR").expect("CLOISTER_PAYLOAD_DIR"));
+    std::fs::create_dir_all(&dir).expect("create payload dir");
+    for kind in [
+        Payload::PowerOff,
+        Payload::TripleFault,
+        Payload::Panic,
+        Payload::I8042Reset,
+        Payload::Hang,
+        Payload::BadFetch,
+        Payload::Smp,
+    ] {
+        let p = payload::write(kind, &dir).expect("write payload");
+        eprintln!("{}", p.display());
+    }
+}
