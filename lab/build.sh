@@ -263,6 +263,7 @@ build_rootfs() {
         debootstrap --variant=minbase --include=systemd-sysv,udev,iproute2,kmod \
             bookworm "$tmp/root" "$mirror" >&2
         # The guest kernel's modules, so udev can load virtio drivers by alias.
+        mkdir -p "$tmp/root/lib/modules"
         cp -a "$KERNEL_DIR/modules/$KERNEL_RELEASE" "$tmp/root/lib/modules/"
         depmod -b "$tmp/root" "$KERNEL_RELEASE"
         echo "cloister-guest" >"$tmp/root/etc/hostname"
@@ -275,6 +276,25 @@ build_rootfs() {
 ExecStart=
 ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,38400,9600 %I $TERM
 UNIT
+        # Tells the console (and so the tests) that multi-user.target was reached; powers off
+        # when the command line asks, so a test run ends by itself.
+        cat >"$tmp/root/etc/systemd/system/cloister-ready.service" <<'UNIT'
+[Unit]
+Description=Report reaching multi-user.target on the console
+After=multi-user.target
+
+[Service]
+Type=oneshot
+StandardOutput=tty
+TTYPath=/dev/ttyS0
+ExecStart=/bin/sh -c 'echo "CLOISTER-DEBIAN-UP $(systemctl is-system-running)"; if grep -qw cloister.poweroff /proc/cmdline; then systemctl --no-block poweroff; fi'
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+        mkdir -p "$tmp/root/etc/systemd/system/multi-user.target.wants"
+        ln -s /etc/systemd/system/cloister-ready.service \
+            "$tmp/root/etc/systemd/system/multi-user.target.wants/cloister-ready.service"
         rm -rf "$tmp/root/var/cache/apt/archives"/*.deb "$tmp/root/var/lib/apt/lists"/*
         mkdir -p "$tmp/out"
         make_ext4 "$tmp/root" "$tmp/out/debian.ext4" cloister-root 256

@@ -15,10 +15,12 @@ for dir in "$payload"/scenarios/*/; do
     export SCENARIO_DIR="${dir%/}"
     mkdir -p "$RESULTS_DIR"
     limit=$(cat "$dir/timeout" 2>/dev/null || echo 300)
+    start=$(date +%s)
     echo "@@CLOISTER-SCENARIO-BEGIN $name@@"
     (cd "$RESULTS_DIR" && exec timeout "$limit" sh -c '. "$LAB_LIB"; . "$1"' sh "$dir/script.sh") </dev/null 2>&1
     rc=$?
     # The scenario's output may end mid-line (a guest console); markers start a line.
     echo
+    echo "@@CLOISTER-MARK scenario.seconds=$(($(date +%s) - start))@@"
     echo "@@CLOISTER-SCENARIO-END $name rc=$rc@@"
 done

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -411,10 +412,18 @@ pub fn build(kind: Payload) -> Vec<u8> {
     f
 }
 
-/// Writes the payload to `dir` (once per kind and directory) and returns its path.
+/// Writes the payload to `dir` and returns its path. The file is replaced atomically, so tests
+/// running in parallel never see a half-written kernel.
 pub fn write(kind: Payload, dir: &Path) -> std::io::Result<PathBuf> {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
     let path = dir.join(format!("payload-{kind:?}.elf").to_lowercase());
-    std::fs::write(&path, build(kind))?;
+    let tmp = dir.join(format!(
+        ".payload-{}-{}.tmp",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&tmp, build(kind))?;
+    std::fs::rename(&tmp, &path)?;
     Ok(path)
 }
 

@@ -1,11 +1,19 @@
 //! The lab proves itself: its /dev/kvm is a real KVM with nested paging, and QEMU inside it
-//! boots the test guest to its userspace marker with `-accel kvm`.
+//! boots the test guest to its userspace marker with `-accel kvm`, and the Debian 12 image to
+//! systemd's multi-user target.
 
 use std::time::Duration;
 
 use harness::{LabOptions, Mode, Scenario, SharedRun};
 
-static LAB: SharedRun = SharedRun::new("lab", scenarios, LabOptions::default);
+static LAB: SharedRun = SharedRun::new("lab", scenarios, options);
+
+fn options() -> LabOptions {
+    LabOptions {
+        rootfs: true,
+        ..LabOptions::default()
+    }
+}
 
 fn scenarios() -> Vec<Scenario> {
     vec![
@@ -37,6 +45,22 @@ fn scenarios() -> Vec<Scenario> {
             "#,
         )
         .timeout(Duration::from_secs(120)),
+        // The Debian 12 image boots to multi-user.target from a virtio disk, through the test
+        // guest's initramfs (Debian's kernel has virtio_blk as a module).
+        Scenario::new(
+            "qemu-boots-debian",
+            r#"
+            disk=$(findfs LABEL=cloister-root)
+            run qemu qemu-system-x86_64 -accel kvm -cpu host \
+                -M microvm,pit=off,pic=off,rtc=on -m 512M -smp 1 \
+                -nodefaults -no-reboot -nographic -serial stdio \
+                -drive id=root,file="$disk",format=raw,if=none \
+                -device virtio-blk-device,drive=root \
+                -kernel "$GUEST_DIR/bzImage" -initrd "$GUEST_DIR/initramfs.cpio" \
+                -append "console=ttyS0 quiet panic=-1 cloister.root=/dev/vda cloister.poweroff"
+            "#,
+        )
+        .timeout(Duration::from_secs(240)),
     ]
 }
 
@@ -71,4 +95,11 @@ fn qemu_inside_the_lab_boots_the_test_guest() {
         .expect_mark("qemu.rc", "0")
         .expect_console("CLOISTER-GUEST-UP")
         .expect_console("CLOISTER-GUEST-RESULT test=info rc=0");
+}
+
+#[test]
+fn qemu_inside_the_lab_boots_debian_to_multi_user() {
+    LAB.scenario("qemu-boots-debian")
+        .expect_mark("qemu.rc", "0")
+        .expect_console("CLOISTER-DEBIAN-UP");
 }

@@ -1,0 +1,138 @@
+//! `cloister` boots the stock Debian kernel (the lab's test guest) to userspace: PVH and bzImage
+//! entry, 1, 2 and 4 vCPUs, memory below and above 4 GiB, and each way a guest can end.
+
+use std::time::Duration;
+
+use harness::{LabOptions, Scenario, ScenarioOutcome, SharedRun};
+
+static LAB: SharedRun = SharedRun::new("boot", scenarios, LabOptions::default);
+
+/// A scenario that boots the test guest running `test` with cloister's extra `args`.
+fn boot(name: &str, kernel: &str, test: &str, args: &str) -> Scenario {
+    Scenario::new(
+        name,
+        &format!(
+            r#"
+            run vm "$BIN_DIR/cloister" --kernel "$GUEST_DIR/{kernel}" \
+                --initramfs "$GUEST_DIR/initramfs.cpio" \
+                --cmdline "$(guest_cmdline {test})" {args}
+            "#
+        ),
+    )
+    .timeout(Duration::from_secs(180))
+}
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        boot(
+            "pvh-1cpu",
+            "vmlinux",
+            "info",
+            "--cpus boot=1 --memory size=512M",
+        ),
+        boot(
+            "bzimage-2cpu",
+            "bzImage",
+            "info",
+            "--cpus boot=2 --memory size=1G",
+        ),
+        boot(
+            "pvh-4cpu",
+            "vmlinux",
+            "info",
+            "--cpus boot=4 --memory size=512M",
+        ),
+        boot("memory-5g", "vmlinux", "info", "--memory size=5G"),
+        boot("default-memory", "bzImage", "info", ""),
+        boot("panic", "vmlinux", "panic", ""),
+        boot("reboot", "vmlinux", "reboot", ""),
+    ]
+}
+
+/// The guest reached userspace, ran its test, and powered off; cloister exited 0.
+fn powered_off(name: &str) -> &'static ScenarioOutcome {
+    let outcome = LAB.scenario(name);
+    outcome
+        .expect_mark("vm.rc", "0")
+        .expect_console("CLOISTER-GUEST-UP")
+        .expect_console("CLOISTER-GUEST-RESULT test=info rc=0");
+    outcome
+}
+
+fn expect_cpus(outcome: &ScenarioOutcome, count: u32) {
+    let seen = outcome.field("CLOISTER-INFO", "cpus");
+    if seen != Some(count.to_string().as_str()) {
+        outcome.fail(&format!("guest sees {seen:?} CPUs, expected {count}"));
+    }
+    let online = if count == 1 {
+        "0".to_string()
+    } else {
+        format!("0-{}", count - 1)
+    };
+    if outcome.field("CLOISTER-INFO", "online") != Some(online.as_str()) {
+        outcome.fail(&format!("online CPUs are not {online}"));
+    }
+}
+
+/// MemTotal is RAM less what the kernel keeps for itself (its image, page structs): within 5 %.
+fn expect_memory(outcome: &ScenarioOutcome, mib: u64) {
+    let seen_kib: u64 = outcome
+        .field("CLOISTER-INFO", "memtotal_kb")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| outcome.fail("no memtotal_kb in the guest's report"));
+    let want_kib = mib * 1024;
+    if seen_kib > want_kib || seen_kib < want_kib * 95 / 100 {
+        outcome.fail(&format!(
+            "guest MemTotal is {seen_kib} KiB, requested {want_kib} KiB"
+        ));
+    }
+}
+
+#[test]
+fn pvh_vmlinux_boots_to_userspace_with_one_cpu() {
+    let outcome = powered_off("pvh-1cpu");
+    expect_cpus(outcome, 1);
+    expect_memory(outcome, 512);
+}
+
+#[test]
+fn bzimage_boots_to_userspace_with_two_cpus() {
+    let outcome = powered_off("bzimage-2cpu");
+    expect_cpus(outcome, 2);
+    expect_memory(outcome, 1024);
+}
+
+#[test]
+fn four_cpus_are_all_online() {
+    expect_cpus(powered_off("pvh-4cpu"), 4);
+}
+
+#[test]
+fn memory_above_4g_is_usable() {
+    expect_memory(powered_off("memory-5g"), 5 * 1024);
+}
+
+#[test]
+fn defaults_are_one_cpu_and_512m() {
+    let outcome = powered_off("default-memory");
+    expect_cpus(outcome, 1);
+    expect_memory(outcome, 512);
+}
+
+#[test]
+fn guest_panic_is_a_failure_exit() {
+    let outcome = LAB.scenario("panic");
+    outcome.expect_console("CLOISTER-GUEST-UP");
+    if matches!(outcome.mark("vm.rc"), Some("0") | None) {
+        outcome.fail("cloister exited 0 (or never) after a guest panic");
+    }
+    outcome.expect_console("panicked");
+}
+
+#[test]
+fn guest_reboot_exits_zero_and_says_so() {
+    LAB.scenario("reboot")
+        .expect_mark("vm.rc", "0")
+        .expect_console("CLOISTER-GUEST-UP")
+        .expect_console("reboot");
+}
