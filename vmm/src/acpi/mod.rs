@@ -139,4 +139,20 @@ mod tests {
         let dsdt = find(u64_at(fadt, 140)).expect("DSDT at FADT.X_DSDT");
         assert_eq!(&dsdt[..4], b"DSDT");
     }
+
+    /// Not a test: writes the tables for 2 vCPUs as SIG.dat files to `$CLOISTER_ACPI_DIR`, for
+    /// checking with `iasl -d` (acpica-tools).
+    #[test]
+    #[ignore]
+    fn dump_tables() {
+        let dir = std::path::PathBuf::from(std::env::var_os("CLOISTER_ACPI_DIR").unwrap());
+        for (_, t) in build_tables(2).unwrap() {
+            let sig = if &t[..8] == b"RSD PTR " {
+                "RSDP".to_string()
+            } else {
+                String::from_utf8_lossy(&t[..4]).into_owned()
+            };
+            std::fs::write(dir.join(format!("{sig}.dat")), &t).unwrap();
+        }
+    }
 }
