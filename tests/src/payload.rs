@@ -32,6 +32,9 @@ pub const MARKER_PANIC: &str = "CLOISTER-PAYLOAD-PANIC";
 pub const MARKER_RESET: &str = "CLOISTER-PAYLOAD-I8042-RESET";
 pub const MARKER_HANG: &str = "CLOISTER-PAYLOAD-HANG";
 pub const MARKER_BAD_FETCH: &str = "CLOISTER-PAYLOAD-BAD-FETCH";
+/// Printed by the bzImage payload when it runs in long mode with RSI at a zero page.
+pub const MARKER_BZIMAGE_OK: &str = "CLOISTER-BZIMAGE-OK";
+pub const MARKER_BZIMAGE_BAD: &str = "CLOISTER-BZIMAGE-BAD-BOOT-STATE";
 pub const MARKER_SMP_BSP: &str = "CLOISTER-SMP-BSP";
 /// The application processor came up through INIT/SIPI and ran its real-mode code.
 pub const MARKER_SMP_AP_OK: &str = "CLOISTER-SMP-AP-OK";
@@ -52,6 +55,9 @@ pub enum Payload {
     Hang,
     /// Jumps into the MMIO hole, where there is no memory to fetch instructions from.
     BadFetch,
+    /// Prints the command line and the start of the initramfs (both NUL-terminated strings in
+    /// the tests) found through the PVH start info, then powers off.
+    Echo,
     /// Wakes vCPU 1 with INIT/SIPI, waits for it to set a flag from real mode, reports, powers
     /// off. Needs `--cpus boot=2` or more.
     Smp,
@@ -170,8 +176,14 @@ impl Asm {
 
     /// Writes the NUL-terminated string at `addr` to COM1, byte by byte.
     fn print(&mut self, addr: u32, loop_label: &'static str, done_label: &'static str) {
-        self.emit(&[0xbe]); // mov esi, imm32
+        self.emit(&[0xbe]); // mov esi, imm32 (zero-extends into rsi in 64-bit mode)
         self.imm32(addr);
+        self.print_esi(loop_label, done_label);
+    }
+
+    /// Writes the NUL-terminated string at ESI to COM1. Encodes the same in 32- and 64-bit
+    /// mode.
+    fn print_esi(&mut self, loop_label: &'static str, done_label: &'static str) {
         self.mov_dx(COM1_PORT);
         self.label(loop_label);
         self.emit(&[0xac]); // lodsb  (al = [esi++]; DF is clear at entry)
@@ -271,6 +283,27 @@ fn segments(kind: Payload) -> (Vec<u8>, Option<Vec<u8>>) {
             a.emit(&[0xb8]); // mov eax, imm32
             a.imm32(NOWHERE);
             a.emit(&[0xff, 0xe0]); // jmp eax
+            a.halt_forever();
+        }
+        Payload::Echo => {
+            let nl = d.add(b"\n\0");
+            let bad = d.line(MARKER_BAD_START_INFO);
+            a.emit(&[0x81, 0x3b]); // cmp dword [ebx], imm32
+            a.imm32(PVH_START_MAGIC);
+            a.jne("bad");
+            a.emit(&[0x8b, 0x73, 0x18]); // mov esi, [ebx+0x18]  (cmdline_paddr)
+            a.print_esi("cmd_loop", "cmd_done");
+            a.print(nl, "nl_loop", "nl_done");
+            a.emit(&[0x83, 0x7b, 0x0c, 0x00]); // cmp dword [ebx+0xc], 0  (nr_modules)
+            a.je("off");
+            a.emit(&[0x8b, 0x43, 0x10]); // mov eax, [ebx+0x10]  (modlist_paddr)
+            a.emit(&[0x8b, 0x30]); // mov esi, [eax]  (modlist[0].paddr)
+            a.print_esi("mod_loop", "mod_done");
+            a.jmp("off");
+            a.label("bad");
+            a.print(bad, "bad_loop", "bad_done");
+            a.label("off");
+            a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
             a.halt_forever();
         }
         Payload::Smp => {
@@ -412,17 +445,99 @@ pub fn build(kind: Payload) -> Vec<u8> {
     f
 }
 
+/// The bzImage payload: a Linux boot protocol 2.15 image whose 64-bit entry point checks it
+/// runs in long mode (EFER.LMA) with RSI at a zero page, prints [`MARKER_BZIMAGE_OK`], the
+/// command line and the start of the initramfs (if any), then powers off.
+pub fn build_bzimage() -> Vec<u8> {
+    /// code32_start: where the protected-mode part is loaded.
+    const LOAD: u32 = CODE_BASE;
+    /// The 64-bit entry point is 0x200 past the load address.
+    const ENTRY: u32 = LOAD + 0x200;
+    const SETUP_SECTS: u8 = 1;
+    const MSR_EFER: u32 = 0xc000_0080;
+    const EFER_LMA: u32 = 1 << 10;
+
+    let mut a = Asm::new(ENTRY);
+    let mut d = Data { bytes: Vec::new() };
+    let ok = d.line(MARKER_BZIMAGE_OK);
+    let bad = d.line(MARKER_BZIMAGE_BAD);
+    let nl = d.add(b"\n\0");
+    a.emit(&[0xb9]); // mov ecx, imm32
+    a.imm32(MSR_EFER);
+    a.emit(&[0x0f, 0x32]); // rdmsr  (edx:eax = EFER)
+    a.emit(&[0xa9]); // test eax, imm32
+    a.imm32(EFER_LMA);
+    a.je("bad");
+    a.emit(&[0x81, 0xbe, 0x02, 0x02, 0x00, 0x00]); // cmp dword [rsi+0x202], imm32
+    a.imm32(u32::from_le_bytes(*b"HdrS"));
+    a.jne("bad");
+    a.emit(&[0x48, 0x89, 0xf3]); // mov rbx, rsi  (keep the zero page)
+    a.print(ok, "ok_loop", "ok_done");
+    a.emit(&[0x8b, 0xb3, 0x28, 0x02, 0x00, 0x00]); // mov esi, [rbx+0x228]  (cmd_line_ptr)
+    a.print_esi("cmd_loop", "cmd_done");
+    a.print(nl, "nl_loop", "nl_done");
+    a.emit(&[0x83, 0xbb, 0x1c, 0x02, 0x00, 0x00, 0x00]); // cmp dword [rbx+0x21c], 0  (ramdisk_size)
+    a.je("off");
+    a.emit(&[0x8b, 0xb3, 0x18, 0x02, 0x00, 0x00]); // mov esi, [rbx+0x218]  (ramdisk_image)
+    a.print_esi("rd_loop", "rd_done");
+    a.jmp("off");
+    a.label("bad");
+    a.print(bad, "bad_loop", "bad_done");
+    a.label("off");
+    a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
+    a.halt_forever();
+    let code = a.finish();
+
+    // The protected-mode part: padding up to the entry point, code, then data at 0x800.
+    let mut pm = vec![0x90u8; (ENTRY - LOAD) as usize];
+    pm.extend_from_slice(&code);
+    assert!(
+        pm.len() <= DATA_OFFSET as usize,
+        "bzImage payload code too long"
+    );
+    pm.resize(DATA_OFFSET as usize, 0x90);
+    pm.extend_from_slice(&d.bytes);
+
+    // Boot sector and one setup sector; the setup header lives at 0x1f1.
+    let mut f = vec![0u8; (usize::from(SETUP_SECTS) + 1) * 512];
+    let mut set = |off: usize, bytes: &[u8]| f[off..off + bytes.len()].copy_from_slice(bytes);
+    set(0x1f1, &[SETUP_SECTS]); // setup_sects
+    set(0x1fe, &0xaa55u16.to_le_bytes()); // boot_flag
+    set(0x202, b"HdrS"); // header
+    set(0x206, &0x020fu16.to_le_bytes()); // version 2.15
+    set(0x211, &[0x01]); // loadflags: LOADED_HIGH
+    set(0x214, &LOAD.to_le_bytes()); // code32_start
+    set(0x22c, &0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+    set(0x230, &0x20_0000u32.to_le_bytes()); // kernel_alignment
+    set(0x236, &1u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
+    set(0x238, &2047u32.to_le_bytes()); // cmdline_size
+    set(0x258, &u64::from(LOAD).to_le_bytes()); // pref_address
+    set(0x260, &0x1000u32.to_le_bytes()); // init_size
+    f.extend_from_slice(&pm);
+    f
+}
+
+/// Writes the bzImage payload to `dir` and returns its path (atomically, like [`write`]).
+pub fn write_bzimage(dir: &Path) -> std::io::Result<PathBuf> {
+    write_file(dir, "payload-bzimage", &build_bzimage())
+}
+
 /// Writes the payload to `dir` and returns its path. The file is replaced atomically, so tests
 /// running in parallel never see a half-written kernel.
 pub fn write(kind: Payload, dir: &Path) -> std::io::Result<PathBuf> {
+    let name = format!("payload-{kind:?}.elf").to_lowercase();
+    write_file(dir, &name, &build(kind))
+}
+
+fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
     static SEQ: AtomicUsize = AtomicUsize::new(0);
-    let path = dir.join(format!("payload-{kind:?}.elf").to_lowercase());
+    let path = dir.join(name);
     let tmp = dir.join(format!(
         ".payload-{}-{}.tmp",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    std::fs::write(&tmp, build(kind))?;
+    std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)
 }

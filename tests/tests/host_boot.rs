@@ -203,6 +203,72 @@ fn sigterm_stops_a_hung_guest() {
     assert_eq!(stderr.trim_end(), "cloister: terminated by signal SIGTERM");
 }
 
+/// An initramfs whose content is a NUL-terminated line, so the payloads can print it.
+fn initramfs() -> PathBuf {
+    let path = payload::scratch_dir().join("initramfs.txt");
+    std::fs::write(&path, b"CLOISTER-INITRAMFS-OK\n\0").expect("write initramfs");
+    path
+}
+
+const CMDLINE: &str = "console=ttyS0 cloister.test=echo";
+
+#[test]
+fn pvh_passes_cmdline_and_initramfs() {
+    if !kvm_available("pvh_passes_cmdline_and_initramfs") {
+        return;
+    }
+    let initrd = initramfs();
+    let initrd = initrd.to_str().expect("utf-8 path");
+    for mem in ["size=512M", "size=16G"] {
+        let run = boot(
+            Payload::Echo,
+            &["--cmdline", CMDLINE, "--initramfs", initrd, "--memory", mem],
+        );
+        assert_eq!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
+        assert_eq!(run.stdout, format!("{CMDLINE}\nCLOISTER-INITRAMFS-OK\n"));
+    }
+    // Without an initramfs there is no module.
+    let run = boot(Payload::Echo, &["--cmdline", CMDLINE]);
+    assert_eq!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.stdout, format!("{CMDLINE}\n"));
+}
+
+#[test]
+fn bzimage_boots_in_long_mode_with_zero_page() {
+    if !kvm_available("bzimage_boots_in_long_mode_with_zero_page") {
+        return;
+    }
+    let kernel = payload::write_bzimage(&payload::scratch_dir()).expect("write bzImage");
+    let kernel = kernel.to_str().expect("utf-8 path");
+    let initrd = initramfs();
+    let initrd = initrd.to_str().expect("utf-8 path");
+    for (mem, cpus) in [("size=512M", "boot=1"), ("size=16G", "boot=2")] {
+        let run = payload::run_cloister(
+            &[
+                "--kernel",
+                kernel,
+                "--cmdline",
+                CMDLINE,
+                "--initramfs",
+                initrd,
+                "--memory",
+                mem,
+                "--cpus",
+                cpus,
+            ],
+            TIMEOUT,
+        );
+        assert_eq!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
+        assert_eq!(
+            run.stdout,
+            format!(
+                "{}\n{CMDLINE}\nCLOISTER-INITRAMFS-OK\n",
+                payload::MARKER_BZIMAGE_OK
+            )
+        );
+    }
+}
+
 /// Not a test: writes every payload to `$CLOISTER_PAYLOAD_DIR` for manual runs and the lab.
 /// `CLOISTER_PAYLOAD_DIR=/tmp/p cargo test -p cloister-tests --test host_boot -- --ignored`
 #[test]
@@ -218,9 +284,12 @@ fn write_payloads() {
         Payload::I8042Reset,
         Payload::Hang,
         Payload::BadFetch,
+        Payload::Echo,
         Payload::Smp,
     ] {
         let p = payload::write(kind, &dir).expect("write payload");
         eprintln!("{}", p.display());
     }
+    let p = payload::write_bzimage(&dir).expect("write payload");
+    eprintln!("{}", p.display());
 }
