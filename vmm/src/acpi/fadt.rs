@@ -11,6 +11,11 @@ const IAPC_BOOT_ARCH_NO_VGA: u16 = 1 << 2;
 /// No CMOS RTC: the guest takes wall-clock time from kvmclock and must not probe ports
 /// 0x70/0x71, which nothing emulates.
 const IAPC_BOOT_ARCH_NO_CMOS_RTC: u16 = 1 << 5;
+/// The SCI is on ISA IRQ 9, as on PCs, matching the MADT's level-triggered IRQ9 override.
+/// Hardware-reduced ACPI has no SCI, but Linux compares every MADT override's source IRQ with
+/// this field: left at 0, the IRQ0 -> GSI2 timer override would be taken for the SCI's and
+/// made level-triggered, active-low.
+const SCI_IRQ: u16 = 9;
 /// Hypervisor vendor identity (FADT offset 268).
 const HYPERVISOR_ID: u64 = u64::from_le_bytes(*b"CLOISTER");
 
@@ -34,6 +39,7 @@ pub fn build(dsdt: u64) -> Vec<u8> {
         .preferred_pm_profile(PmProfile::EnterpriseServer);
     // Deliberately no 8042 flag: the i8042 exists only so guests can reset through it, and
     // without the flag Linux does not probe for a keyboard controller.
+    fadt.sci_int = SCI_IRQ.into();
     fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_NO_VGA | IAPC_BOOT_ARCH_NO_CMOS_RTC).into();
     fadt.reset_reg = io_byte_register(RESET_PORT);
     fadt.reset_value = RESET_VALUE;
@@ -53,6 +59,7 @@ mod tests {
         assert_eq!(&t[..4], b"FACP");
         assert_eq!(t.len(), 276);
         assert_eq!(t[8], 6, "FADT major revision");
+        assert_eq!(u16::from_le_bytes([t[46], t[47]]), 9, "SCI_INT");
         let flags = u32::from_le_bytes(t[112..116].try_into().unwrap());
         assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
         assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
