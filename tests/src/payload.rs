@@ -10,7 +10,7 @@
 //! (through its FADT and DSDT), taken from the `vmm` crate.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,6 +58,9 @@ pub enum Payload {
     /// Prints the command line and the start of the initramfs (both NUL-terminated strings in
     /// the tests) found through the PVH start info, then powers off.
     Echo,
+    /// Echoes what arrives on COM1 (polling the line status register) until a newline, then
+    /// powers off.
+    EchoInput,
     /// Wakes vCPU 1 with INIT/SIPI, waits for it to set a flag from real mode, reports, powers
     /// off. Needs `--cpus boot=2` or more.
     Smp,
@@ -303,6 +306,20 @@ fn segments(kind: Payload) -> (Vec<u8>, Option<Vec<u8>>) {
             a.label("bad");
             a.print(bad, "bad_loop", "bad_done");
             a.label("off");
+            a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
+            a.halt_forever();
+        }
+        Payload::EchoInput => {
+            a.label("wait");
+            a.mov_dx(COM1_PORT + 5);
+            a.emit(&[0xec]); // in al, dx  (line status register)
+            a.emit(&[0xa8, 0x01]); // test al, 1  (data ready)
+            a.je("wait");
+            a.mov_dx(COM1_PORT);
+            a.emit(&[0xec]); // in al, dx  (receive buffer)
+            a.emit(&[0xee]); // out dx, al  (transmit it back)
+            a.emit(&[0x3c, b'\n']); // cmp al, '\n'
+            a.jne("wait");
             a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
             a.halt_forever();
         }
@@ -600,14 +617,32 @@ impl Run {
 
 /// Runs `cloister` with `args`, stdin from /dev/null, killing it after `timeout`.
 pub fn run_cloister(args: &[&str], timeout: Duration) -> Run {
+    run_cloister_with_input(args, None, timeout)
+}
+
+/// Like [`run_cloister`], with `input` (if any) written to its stdin, which is then closed.
+pub fn run_cloister_with_input(args: &[&str], input: Option<&[u8]>, timeout: Duration) -> Run {
     let start = Instant::now();
     let mut child = Command::new(cloister_bin())
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn cloister");
+    let stdin_t = match (input, child.stdin.take()) {
+        (Some(bytes), Some(mut stdin)) => {
+            let bytes = bytes.to_vec();
+            Some(std::thread::spawn(move || {
+                let _ = stdin.write_all(&bytes);
+            }))
+        }
+        _ => None,
+    };
     // Drain both pipes on threads so a chatty guest cannot block on a full pipe.
     let mut out = child.stdout.take().expect("stdout pipe");
     let mut err = child.stderr.take().expect("stderr pipe");
@@ -633,6 +668,9 @@ pub fn run_cloister(args: &[&str], timeout: Duration) -> Run {
         std::thread::sleep(Duration::from_millis(5));
     };
     let elapsed = start.elapsed();
+    if let Some(t) = stdin_t {
+        let _ = t.join();
+    }
     let stdout = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
     let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
     Run {

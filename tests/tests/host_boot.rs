@@ -269,6 +269,24 @@ fn bzimage_boots_in_long_mode_with_zero_page() {
     }
 }
 
+#[test]
+fn stdin_reaches_the_guest_uart() {
+    if !kvm_available("stdin_reaches_the_guest_uart") {
+        return;
+    }
+    let kernel = payload_path(Payload::EchoInput);
+    // Several times the UART's 64-byte FIFO, so input has to wait for the guest to drain it.
+    let mut line: Vec<u8> = (0..500).map(|i| b'a' + (i % 26) as u8).collect();
+    line.push(b'\n');
+    let run = payload::run_cloister_with_input(
+        &["--kernel", kernel.to_str().expect("utf-8 path")],
+        Some(&line),
+        TIMEOUT,
+    );
+    assert_eq!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.stdout.as_bytes(), &line[..]);
+}
+
 /// Not a test: writes every payload to `$CLOISTER_PAYLOAD_DIR` for manual runs and the lab.
 /// `CLOISTER_PAYLOAD_DIR=/tmp/p cargo test -p cloister-tests --test host_boot -- --ignored`
 #[test]
@@ -285,6 +303,7 @@ fn write_payloads() {
         Payload::Hang,
         Payload::BadFetch,
         Payload::Echo,
+        Payload::EchoInput,
         Payload::Smp,
     ] {
         let p = payload::write(kind, &dir).expect("write payload");
