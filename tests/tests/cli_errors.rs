@@ -82,6 +82,28 @@ fn elf_without_pvh_note() {
 }
 
 #[test]
+fn cmdline_longer_than_the_kernel_accepts() {
+    // The limit comes from the kernel (our bzImage payload says 2047 bytes), so this is found
+    // while loading and needs /dev/kvm to get that far.
+    if !std::path::Path::new("/dev/kvm").exists() {
+        return;
+    }
+    let k = payload::write_bzimage(&payload::scratch_dir()).expect("write bzImage");
+    let long = "x".repeat(3000);
+    let r = run(&[
+        "--kernel",
+        k.to_str().expect("utf-8 path"),
+        "--cmdline",
+        &long,
+    ]);
+    assert_usage_error(
+        &r,
+        "--cmdline",
+        "3000 bytes is longer than the kernel's limit of 2047",
+    );
+}
+
+#[test]
 fn cpus_zero() {
     let r = run_with_kernel(&["--cpus", "boot=0"]);
     assert_usage_error(&r, "--cpus boot=0", "at least 1");
