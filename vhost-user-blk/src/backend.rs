@@ -1,0 +1,266 @@
+//! The device (lives as long as the daemon) and the per-connection `VhostUserBackend`.
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use cloister_backends::server::GuestMemory;
+use cloister_backends::{Device, WorkerExits};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use crate::config::{Config, EngineKind};
+use crate::disk::{Disk, SECTOR_SIZE};
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::io_uring_engine::UringEngine;
+use crate::queue::{QueueWorker, Vring};
+use crate::request::Limits;
+use crate::sync_engine::SyncEngine;
+use crate::virtio::{self, Geometry};
+
+/// Everything opened at start-up: shared by all connections.
+struct Shared {
+    geometry: Geometry,
+    features: u64,
+    config_space: Vec<u8>,
+    /// One per queue, each driven by that queue's worker thread.
+    workers: Vec<Mutex<QueueWorker>>,
+}
+
+impl Shared {
+    fn worker(&self, queue: usize) -> Option<MutexGuard<'_, QueueWorker>> {
+        // A worker that panicked mid-request leaves consistent enough state to keep serving
+        // other requests; better than taking the daemon down.
+        self.workers
+            .get(queue)
+            .map(|w| w.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The event id of a queue's I/O completions: above the ids vhost-user-backend reserves
+    /// for vrings and its exit event.
+    fn completion_event(&self) -> u16 {
+        self.geometry.queues + 1
+    }
+}
+
+/// The virtio-blk device.
+pub struct BlkDevice {
+    shared: Arc<Shared>,
+}
+
+impl BlkDevice {
+    /// Opens the image and creates every queue's engine.
+    pub fn new(config: &Config) -> Result<Self, Error> {
+        let disk = Arc::new(Disk::open(&config.image, config.readonly, config.direct)?);
+        // With O_DIRECT, tell the guest the block size the host needs, so it rarely sends
+        // requests that must take the buffered path.
+        let block_size =
+            disk.direct_alignment()
+                .map_or(SECTOR_SIZE, |a| a.offset.clamp(SECTOR_SIZE, 4096)) as u32;
+        let geometry = Geometry {
+            capacity_bytes: disk.capacity(),
+            block_size,
+            queues: config.queues,
+            queue_size: config.queue_size,
+            readonly: config.readonly,
+        };
+        let limits = Arc::new(Limits {
+            capacity: disk.capacity(),
+            readonly: config.readonly,
+            max_descriptors: geometry.seg_max() as usize + 2,
+            serial: config.serial,
+        });
+        let mut workers = Vec::with_capacity(config.queues.into());
+        for queue in 0..usize::from(config.queues) {
+            let engine = match config.engine {
+                EngineKind::IoUring => Engine::Uring(
+                    UringEngine::new(Arc::clone(&disk), config.queue_size.into())
+                        .map_err(|source| Error::IoUring { queue, source })?,
+                ),
+                EngineKind::Sync => Engine::Sync(SyncEngine::new(Arc::clone(&disk))),
+            };
+            workers.push(Mutex::new(QueueWorker::new(
+                queue,
+                engine,
+                Arc::clone(&limits),
+            )));
+        }
+        log::info!(
+            "image {}: {} bytes{}{}, block size {block_size}, {} queue(s) of up to {} entries, {:?} engine",
+            config.image.display(),
+            disk.capacity(),
+            if config.readonly { ", read-only" } else { "" },
+            if config.direct { ", O_DIRECT" } else { "" },
+            config.queues,
+            config.queue_size,
+            config.engine,
+        );
+        Ok(Self {
+            shared: Arc::new(Shared {
+                features: virtio::features(&geometry),
+                config_space: virtio::config_space(&geometry),
+                geometry,
+                workers,
+            }),
+        })
+    }
+}
+
+impl Device for BlkDevice {
+    type Backend = Arc<Connection>;
+
+    fn connect(
+        &self,
+        exits: Arc<WorkerExits>,
+    ) -> Result<Self::Backend, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(Arc::new(Connection {
+            shared: Arc::clone(&self.shared),
+            mem: RwLock::new(None),
+            exits,
+        }))
+    }
+
+    fn attach(
+        &self,
+        _backend: &Self::Backend,
+        handlers: &[Arc<VringEpollHandler<Self::Backend>>],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let event = u64::from(self.shared.completion_event());
+        for (queue, handler) in handlers.iter().enumerate() {
+            let fd = self
+                .shared
+                .worker(queue)
+                .and_then(|w| w.engine().event_fd());
+            if let Some(fd) = fd {
+                handler.register_listener(fd, EventSet::IN, event)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn disconnect(&self, backend: &Self::Backend) {
+        for queue in 0..self.shared.workers.len() {
+            if let Some(mut worker) = self.shared.worker(queue) {
+                worker.reset();
+            }
+        }
+        *backend.mem.write().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+/// The backend of one frontend connection.
+pub struct Connection {
+    shared: Arc<Shared>,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemory>>>,
+    exits: Arc<WorkerExits>,
+}
+
+impl Connection {
+    fn memory(&self) -> Option<Arc<GuestMemory>> {
+        let mem = self.mem.read().unwrap_or_else(PoisonError::into_inner);
+        mem.as_ref().map(|m| m.memory().into_inner())
+    }
+}
+
+impl VhostUserBackend for Connection {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.shared.geometry.queues.into()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.shared.geometry.queue_size.into()
+    }
+
+    fn features(&self) -> u64 {
+        self.shared.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        log::debug!("features acknowledged: {features:#x}");
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        virtio::protocol_features()
+    }
+
+    fn reset_device(&self) {
+        for queue in 0..self.shared.workers.len() {
+            if let Some(mut worker) = self.shared.worker(queue) {
+                worker.reset();
+            }
+        }
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        // The vrings apply it themselves (vhost-user-backend sets it on every queue).
+        log::debug!("EVENT_IDX {}", if enabled { "on" } else { "off" });
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        virtio::config_slice(&self.shared.config_space, offset, size)
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // Nothing in our config space is writable (no VIRTIO_BLK_F_CONFIG_WCE).
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "virtio-blk config space is read-only",
+        ))
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker thread per queue.
+        (0..self.shared.geometry.queues)
+            .map(|q| 1u64 << q)
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.exits.event()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(mut worker) = self.shared.worker(queue_index as usize) {
+            worker.stop();
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // Errors are logged, never returned: an error ends the worker thread for good, and a
+        // guest must not be able to stop its own queue's service that way.
+        let (Some(mut worker), Some(vring)) = (self.shared.worker(thread_id), vrings.first())
+        else {
+            return Ok(());
+        };
+        let mem = self.memory();
+        if device_event == 0 {
+            // A kick before SET_MEM_TABLE has nothing to look at.
+            if let Some(mem) = mem.as_ref() {
+                worker.kick(vring, mem);
+            }
+        } else if device_event == self.shared.completion_event() {
+            worker.completions(vring, mem.as_ref());
+        } else {
+            log::debug!("queue {thread_id}: ignoring event {device_event}");
+        }
+        Ok(())
+    }
+}

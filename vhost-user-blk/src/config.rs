@@ -1,0 +1,168 @@
+//! Command line of `vhost-user-blk` and the validated configuration made from it.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use cloister_backends::CommonOptions;
+
+use crate::error::Error;
+
+/// Largest queue count: vhost-user-backend maps queues to worker threads with a 64-bit mask.
+pub const MAX_QUEUES: u16 = 64;
+/// Largest virtqueue: a request's data segments become one iovec array, and the kernel takes at
+/// most 1024 (IOV_MAX) of them; it also bounds the in-flight slots allocated per queue.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// virtio-blk's device ID string is 20 bytes (VIRTIO_BLK_ID_BYTES).
+pub const MAX_SERIAL_LEN: usize = 20;
+
+/// Serves a raw disk image to a VMM as a virtio-blk device over vhost-user.
+///
+/// The daemon listens on --socket, serves one frontend at a time, and listens again when it
+/// disconnects. SIGTERM or SIGINT stop it and remove the socket.
+#[derive(Debug, Parser)]
+#[command(name = "vhost-user-blk", version, about, long_about)]
+pub struct Args {
+    #[command(flatten)]
+    pub common: CommonOptions,
+
+    /// Raw disk image (a regular file or a block device). Its size, rounded down to 512 bytes,
+    /// is the disk's capacity.
+    #[arg(long, value_name = "FILE")]
+    pub image: PathBuf,
+
+    /// Offer a read-only disk (VIRTIO_BLK_F_RO); writes, discards and zeroing fail.
+    #[arg(long)]
+    pub readonly: bool,
+
+    /// Number of virtqueues, each served by its own worker thread.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=MAX_QUEUES as i64))]
+    pub queues: u16,
+
+    /// Largest virtqueue size the frontend may configure (a power of two, 2 to 1024).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
+    pub queue_size: u16,
+
+    /// Open the image with O_DIRECT (bypass the host page cache). Requests whose buffers or
+    /// offsets are not aligned for O_DIRECT go through a second, buffered descriptor.
+    #[arg(long)]
+    pub direct: bool,
+
+    /// Device ID returned to VIRTIO_BLK_T_GET_ID (the guest's /sys/block/vdX/serial); at most
+    /// 20 bytes.
+    #[arg(long, value_name = "STRING", default_value = "", value_parser = parse_serial)]
+    pub serial: String,
+
+    /// How requests reach the image: `io-uring` keeps many in flight per queue; `sync` does
+    /// each with preadv/pwritev on the queue's thread (kept for comparison).
+    #[arg(long, value_enum, value_name = "ENGINE", default_value_t = EngineKind::IoUring)]
+    pub io_engine: EngineKind,
+}
+
+/// The I/O engine of every queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    IoUring,
+    Sync,
+}
+
+fn parse_queue_size(text: &str) -> Result<u16, String> {
+    let size: u16 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number"))?;
+    if !(2..=MAX_QUEUE_SIZE).contains(&size) || !size.is_power_of_two() {
+        return Err(format!("must be a power of two from 2 to {MAX_QUEUE_SIZE}"));
+    }
+    Ok(size)
+}
+
+fn parse_serial(text: &str) -> Result<String, String> {
+    if text.len() > MAX_SERIAL_LEN {
+        return Err(format!(
+            "is {} bytes long; at most {MAX_SERIAL_LEN}",
+            text.len()
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// What the device is asked to be, checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub image: PathBuf,
+    pub readonly: bool,
+    pub queues: u16,
+    pub queue_size: u16,
+    pub direct: bool,
+    pub serial: [u8; MAX_SERIAL_LEN],
+    pub engine: EngineKind,
+}
+
+impl TryFrom<&Args> for Config {
+    type Error = Error;
+
+    fn try_from(args: &Args) -> Result<Self, Error> {
+        // clap's value parsers already enforce the ranges; this re-checks what the rest of the
+        // program relies on, for configurations not built by clap.
+        if args.queues == 0 || args.queues > MAX_QUEUES {
+            return Err(Error::Usage(format!(
+                "--queues {}: must be from 1 to {MAX_QUEUES}",
+                args.queues
+            )));
+        }
+        parse_queue_size(&args.queue_size.to_string())
+            .map_err(|why| Error::Usage(format!("--queue-size {}: {why}", args.queue_size)))?;
+        let mut serial = [0u8; MAX_SERIAL_LEN];
+        let bytes = args.serial.as_bytes();
+        if bytes.len() > MAX_SERIAL_LEN {
+            return Err(Error::Usage(format!(
+                "--serial: at most {MAX_SERIAL_LEN} bytes"
+            )));
+        }
+        serial[..bytes.len()].copy_from_slice(bytes);
+        Ok(Self {
+            image: args.image.clone(),
+            readonly: args.readonly,
+            queues: args.queues,
+            queue_size: args.queue_size,
+            direct: args.direct,
+            serial,
+            engine: args.io_engine,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        let mut full = vec!["vhost-user-blk", "--socket", "/tmp/s", "--image", "/tmp/i"];
+        full.extend_from_slice(argv);
+        Args::try_parse_from(full)
+    }
+
+    #[test]
+    fn defaults() {
+        let args = parse(&[]).unwrap();
+        let config = Config::try_from(&args).unwrap();
+        assert_eq!(config.queues, 1);
+        assert_eq!(config.queue_size, 256);
+        assert!(!config.readonly && !config.direct);
+        assert_eq!(config.serial, [0u8; 20]);
+        assert_eq!(config.engine, EngineKind::IoUring);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(parse(&["--queues", "0"]).is_err());
+        assert!(parse(&["--queues", "65"]).is_err());
+        assert!(parse(&["--queue-size", "100"]).is_err());
+        assert!(parse(&["--queue-size", "2048"]).is_err());
+        assert!(parse(&["--serial", "123456789012345678901"]).is_err());
+        let args = parse(&["--serial", "12345678901234567890", "--queues", "4"]).unwrap();
+        let config = Config::try_from(&args).unwrap();
+        assert_eq!(&config.serial, b"12345678901234567890");
+        assert_eq!(config.queues, 4);
+    }
+}

@@ -1,0 +1,432 @@
+//! The io_uring engine: many requests in flight per queue, completed in whatever order the
+//! kernel finishes them.
+//!
+//! Each request takes a slot (its iovecs, the guest memory it points into, its progress) and
+//! its SQEs carry the slot index as `user_data`. Submissions are batched: the queue pushes
+//! every request it popped, then `commit` makes one `io_uring_enter`. Completions that happen
+//! inline (buffered reads from the page cache) are reaped right away; the rest wake the queue's
+//! worker through the eventfd registered with the ring.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use cloister_backends::server::GuestMemory;
+use io_uring::{opcode, squeue, types, IoUring};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+
+use crate::disk::{advance_iovecs, Disk};
+use crate::engine::{iovecs, Completion};
+use crate::request::{write_status, Operation, Range, Request, STATUS_IOERR, STATUS_OK};
+
+/// Index of the image's descriptors in the ring's fixed-file table.
+const FILE_MAIN: u32 = 0;
+const FILE_BUFFERED: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+    Fallocate,
+}
+
+struct Slot {
+    head: u16,
+    status_addr: GuestAddress,
+    used_ok: u32,
+    kind: Kind,
+    /// Host buffers of a read or write, advanced past what already moved.
+    iovecs: Vec<libc::iovec>,
+    iov_start: usize,
+    offset: u64,
+    remaining: usize,
+    file: u32,
+    ranges: Vec<Range>,
+    /// SQEs of this request still in the kernel.
+    outstanding: u32,
+    status: u8,
+    /// Keeps the guest memory the iovecs point into mapped until the kernel is done with it,
+    /// even if the frontend replaces the memory table meanwhile.
+    mem: Option<Arc<GuestMemory>>,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Self {
+            head: 0,
+            status_addr: GuestAddress(0),
+            used_ok: 0,
+            kind: Kind::Flush,
+            iovecs: Vec::new(),
+            iov_start: 0,
+            offset: 0,
+            remaining: 0,
+            file: FILE_MAIN,
+            ranges: Vec::new(),
+            outstanding: 0,
+            status: STATUS_OK,
+            mem: None,
+        }
+    }
+}
+
+pub struct UringEngine {
+    ring: IoUring,
+    eventfd: EventFd,
+    disk: Arc<Disk>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    in_flight: usize,
+    /// SQEs pushed but not yet handed to the kernel.
+    unsubmitted: bool,
+    /// While draining for a reset: finish requests without touching guest memory.
+    discard: bool,
+    cqes: Vec<(u64, i32)>,
+}
+
+// SAFETY: the raw pointers (iovecs) point into guest memory that the slot's `mem` keeps
+// mapped; the engine is owned by one queue and used under its mutex, one thread at a time.
+unsafe impl Send for UringEngine {}
+
+impl UringEngine {
+    /// A ring with room for `slots` requests in flight. Created at start-up, before the
+    /// sandbox, and reused by every connection.
+    pub fn new(disk: Arc<Disk>, slots: u32) -> io::Result<Self> {
+        let ring = IoUring::builder()
+            // A request may need several CQEs (one per discard range) and the kernel must
+            // never drop one: a CQ twice the SQ plus IORING_FEAT_NODROP.
+            .setup_cqsize(slots * 2)
+            // Keep going after an SQE fails to prepare; its CQE reports the error.
+            .setup_submit_all()
+            .build(slots)?;
+        ring.submitter().register_files(&disk.fds())?;
+        let eventfd = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        Ok(Self {
+            ring,
+            eventfd,
+            disk,
+            slots: (0..slots).map(|_| Slot::new()).collect(),
+            free: (0..slots).rev().collect(),
+            in_flight: 0,
+            unsubmitted: false,
+            discard: false,
+            cqes: Vec::with_capacity(slots as usize * 2),
+        })
+    }
+
+    pub fn has_room(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    pub fn event_fd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+
+    pub fn submit(&mut self, request: Request, mem: &Arc<GuestMemory>, done: &mut Vec<Completion>) {
+        let Some(index) = self.free.pop() else {
+            // The queue checks `has_room` first; answer rather than lose the request.
+            write_status(mem, request.status, STATUS_IOERR);
+            done.push(Completion {
+                head: request.head,
+                used_len: 1,
+            });
+            return;
+        };
+        self.in_flight += 1;
+        let used_ok = request.used_len_ok();
+        let slot = &mut self.slots[index as usize];
+        slot.head = request.head;
+        slot.status_addr = request.status;
+        slot.used_ok = used_ok;
+        slot.status = STATUS_OK;
+        slot.outstanding = 0;
+        slot.mem = Some(Arc::clone(mem));
+        let (kind, offset, data) = match request.operation {
+            Operation::Read { offset, data } => (Kind::Read, offset, data),
+            Operation::Write { offset, data } => (Kind::Write, offset, data),
+            Operation::Flush => {
+                slot.kind = Kind::Flush;
+                let entry = opcode::Fsync::new(types::Fixed(FILE_MAIN))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+                    .user_data(u64::from(index));
+                self.push_for(index, entry, done);
+                return;
+            }
+            Operation::Fallocate { ranges } => {
+                slot.kind = Kind::Fallocate;
+                slot.ranges = ranges;
+                self.push_fallocate(index, done);
+                return;
+            }
+        };
+        slot.kind = kind;
+        slot.iovecs.clear();
+        slot.iov_start = 0;
+        slot.offset = offset;
+        if iovecs(mem, &data, &mut slot.iovecs).is_err() {
+            slot.status = STATUS_IOERR;
+            self.finish(index, done);
+            return;
+        }
+        slot.remaining = slot.iovecs.iter().map(|iov| iov.iov_len).sum();
+        slot.file = if self.disk.aligned(offset, &slot.iovecs) {
+            FILE_MAIN
+        } else {
+            FILE_BUFFERED
+        };
+        let entry = rw_entry(slot, index);
+        self.push_for(index, entry, done);
+    }
+
+    /// One fallocate SQE per range; the request finishes when the last one completes.
+    fn push_fallocate(&mut self, index: u32, done: &mut Vec<Completion>) {
+        let ranges = std::mem::take(&mut self.slots[index as usize].ranges);
+        for (range_index, range) in ranges.iter().enumerate() {
+            let entry = opcode::Fallocate::new(types::Fixed(FILE_MAIN), range.len)
+                .offset(range.offset)
+                .mode(range.mode)
+                .build()
+                .user_data(u64::from(index) | ((range_index as u64) << 32));
+            if !self.push(entry) {
+                self.slots[index as usize].status = STATUS_IOERR;
+                break;
+            }
+            self.slots[index as usize].outstanding += 1;
+        }
+        self.slots[index as usize].ranges = ranges;
+        if self.slots[index as usize].outstanding == 0 {
+            self.finish(index, done);
+        }
+    }
+
+    /// Submits pending SQEs, then reaps whatever is already complete.
+    pub fn commit(&mut self, done: &mut Vec<Completion>) {
+        self.submit_pending();
+        if self.reap_cq(done) > 0 {
+            // Those completions signalled the eventfd too. Consume that now, then look once
+            // more: anything completing after the read signals again, so nothing is lost, and
+            // the worker isn't woken for completions it already handled.
+            let _ = self.eventfd.read();
+            self.reap_cq(done);
+        }
+    }
+
+    /// Reaps completions after the eventfd fired.
+    pub fn reap(&mut self, done: &mut Vec<Completion>) {
+        // Read first: a completion posted after this read signals the eventfd again.
+        let _ = self.eventfd.read();
+        self.reap_cq(done);
+    }
+
+    pub fn drain(&mut self, deliver: bool, done: &mut Vec<Completion>) {
+        self.discard = !deliver;
+        let mut thrown_away = Vec::new();
+        let sink = if deliver { done } else { &mut thrown_away };
+        while self.in_flight > 0 {
+            self.submit_pending();
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!(
+                        "waiting for in-flight I/O failed: {e}; abandoning {} requests",
+                        self.in_flight
+                    );
+                    break;
+                }
+            }
+            self.reap_cq(sink);
+        }
+        let _ = self.eventfd.read();
+        self.discard = false;
+    }
+
+    /// Pushes an SQE, making room by submitting if the SQ is full. False if the kernel
+    /// refuses everything (the request then fails).
+    fn push(&mut self, entry: squeue::Entry) -> bool {
+        for _ in 0..2 {
+            // SAFETY: the entry's buffers (slot iovecs, guest memory held by the slot's `mem`)
+            // stay valid until its completion is reaped, and the slot is not reused before.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                self.unsubmitted = true;
+                return true;
+            }
+            self.submit_pending();
+        }
+        log::error!("io_uring submission queue stays full");
+        false
+    }
+
+    fn push_for(&mut self, index: u32, entry: squeue::Entry, done: &mut Vec<Completion>) {
+        if self.push(entry) {
+            self.slots[index as usize].outstanding = 1;
+        } else {
+            self.slots[index as usize].status = STATUS_IOERR;
+            self.finish(index, done);
+        }
+    }
+
+    fn submit_pending(&mut self) {
+        if !self.unsubmitted {
+            return;
+        }
+        for _ in 0..3 {
+            match self.ring.submit() {
+                Ok(_) => {
+                    self.unsubmitted = !self.ring.submission().is_empty();
+                    if !self.unsubmitted {
+                        return;
+                    }
+                }
+                // The completion side is backed up; the next reap makes room.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EBUSY) | Some(libc::EAGAIN) | Some(libc::EINTR)
+                    ) => {}
+                Err(e) => {
+                    log::error!("io_uring_enter failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handles every CQE that is ready; returns how many.
+    fn reap_cq(&mut self, done: &mut Vec<Completion>) -> usize {
+        let mut total = 0;
+        loop {
+            let mut cqes = std::mem::take(&mut self.cqes);
+            cqes.clear();
+            cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|cqe| (cqe.user_data(), cqe.result())),
+            );
+            let count = cqes.len();
+            for &(user_data, result) in &cqes {
+                self.complete(user_data, result, done);
+            }
+            self.cqes = cqes;
+            total += count;
+            // Short transfers were resubmitted; push them before looking again.
+            self.submit_pending();
+            if count == 0 {
+                return total;
+            }
+        }
+    }
+
+    fn complete(&mut self, user_data: u64, result: i32, done: &mut Vec<Completion>) {
+        let index = (user_data & 0xffff_ffff) as u32;
+        let range_index = (user_data >> 32) as usize;
+        let Some(slot) = self.slots.get_mut(index as usize) else {
+            log::error!("io_uring completion for unknown slot {index}");
+            return;
+        };
+        slot.outstanding = slot.outstanding.saturating_sub(1);
+        match slot.kind {
+            Kind::Read | Kind::Write => {
+                if result < 0 {
+                    log::debug!(
+                        "{:?} at {} failed: {}",
+                        slot.kind,
+                        slot.offset,
+                        io::Error::from_raw_os_error(-result)
+                    );
+                    slot.status = STATUS_IOERR;
+                } else if result == 0 && slot.remaining > 0 {
+                    // End of file inside the disk: the image shrank under us.
+                    slot.status = STATUS_IOERR;
+                } else {
+                    let moved = (result as usize).min(slot.remaining);
+                    slot.remaining -= moved;
+                    slot.offset += moved as u64;
+                    if slot.remaining > 0 {
+                        // A short transfer: go on from where it stopped.
+                        slot.iov_start = advance_iovecs(&mut slot.iovecs, slot.iov_start, moved);
+                        let entry = rw_entry(slot, index);
+                        if self.push(entry) {
+                            self.slots[index as usize].outstanding = 1;
+                            return;
+                        }
+                        self.slots[index as usize].status = STATUS_IOERR;
+                    }
+                }
+            }
+            Kind::Flush => {
+                if result < 0 {
+                    log::warn!("flush failed: {}", io::Error::from_raw_os_error(-result));
+                    slot.status = STATUS_IOERR;
+                }
+            }
+            Kind::Fallocate => {
+                if result < 0 {
+                    let range = slot.ranges.get(range_index).copied();
+                    let fallback = match range {
+                        // File systems without FALLOC_FL_ZERO_RANGE (tmpfs): the disk's
+                        // synchronous path emulates it. Rare enough to do inline.
+                        Some(r) if -result == libc::EOPNOTSUPP => {
+                            self.disk.fallocate(r.mode, r.offset, r.len)
+                        }
+                        _ => Err(io::Error::from_raw_os_error(-result)),
+                    };
+                    if let Err(e) = fallback {
+                        log::debug!("fallocate failed: {e}");
+                        self.slots[index as usize].status = STATUS_IOERR;
+                    }
+                }
+            }
+        }
+        if self.slots[index as usize].outstanding == 0 {
+            self.finish(index, done);
+        }
+    }
+
+    fn finish(&mut self, index: u32, done: &mut Vec<Completion>) {
+        let slot = &mut self.slots[index as usize];
+        if let Some(mem) = slot.mem.take() {
+            if !self.discard {
+                write_status(&mem, slot.status_addr, slot.status);
+            }
+        }
+        slot.iovecs.clear();
+        slot.ranges.clear();
+        done.push(Completion {
+            head: slot.head,
+            used_len: if slot.status == STATUS_OK {
+                slot.used_ok
+            } else {
+                1
+            },
+        });
+        self.free.push(index);
+        self.in_flight -= 1;
+    }
+}
+
+/// The SQE for the rest of a read or write.
+fn rw_entry(slot: &Slot, index: u32) -> squeue::Entry {
+    let iovecs = &slot.iovecs[slot.iov_start..];
+    let file = types::Fixed(slot.file);
+    let entry = match (slot.kind, iovecs) {
+        // One buffer: plain READ/WRITE skip the kernel's iovec import.
+        (Kind::Read, [one]) => opcode::Read::new(file, one.iov_base.cast(), one.iov_len as u32)
+            .offset(slot.offset)
+            .build(),
+        (Kind::Write, [one]) => opcode::Write::new(file, one.iov_base.cast(), one.iov_len as u32)
+            .offset(slot.offset)
+            .build(),
+        (Kind::Read, _) => opcode::Readv::new(file, iovecs.as_ptr(), iovecs.len() as u32)
+            .offset(slot.offset)
+            .build(),
+        _ => opcode::Writev::new(file, iovecs.as_ptr(), iovecs.len() as u32)
+            .offset(slot.offset)
+            .build(),
+    };
+    entry.user_data(u64::from(index))
+}

@@ -1,0 +1,205 @@
+//! The daemon's life: reconnecting frontends, stopping queues, signals, the socket file and the
+//! command line.
+
+mod common;
+
+use std::os::unix::net::UnixListener;
+
+use cloister_backends::test_frontend::blk::*;
+use common::*;
+
+const OK: u8 = VIRTIO_BLK_S_OK as u8;
+
+#[test]
+fn serves_a_second_frontend_after_the_first_disconnects() {
+    let mut daemon = Daemon::start("reconnect", &["--queues", "2"]);
+    let data = random_bytes(9, 8192);
+    {
+        let mut blk = daemon.connect(2);
+        assert_eq!(blk.write(1, 40, &data).unwrap().status, OK);
+    }
+    for round in 0..3 {
+        let mut blk = daemon.connect(2);
+        let reply = blk.read(round % 2, 40, 8192).unwrap();
+        assert_eq!(reply.status, OK);
+        assert_eq!(checksum(&reply.data), checksum(&data));
+    }
+    daemon.assert_serves();
+    let log = daemon.log_text();
+    assert!(log.contains("connection 4"), "{log}");
+}
+
+#[test]
+fn stopping_a_queue_reports_its_position_and_it_can_restart() {
+    let daemon = Daemon::start("stop", &[]);
+    let mut blk = daemon.connect(1);
+    for i in 0..5 {
+        assert_eq!(blk.read(0, i * 8, 4096).unwrap().status, OK);
+    }
+    let base = blk.connection().stop_queue(0).unwrap();
+    assert_eq!(base, 5);
+    drop(blk);
+    // A fresh connection starts from a fresh ring.
+    let mut blk = daemon.connect(1);
+    assert_eq!(blk.read(0, 0, 4096).unwrap().status, OK);
+}
+
+#[test]
+fn sigterm_and_sigint_stop_cleanly_and_remove_the_socket() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let mut daemon = Daemon::start("signal", &[]);
+        let status = daemon.signal_and_wait(signal);
+        assert!(status.success(), "exit {status}: {}", daemon.log_text());
+        assert!(!daemon.socket.exists(), "socket left behind");
+    }
+    // Also while a frontend is connected.
+    let mut daemon = Daemon::start("signal-connected", &[]);
+    let mut blk = daemon.connect(1);
+    assert_eq!(blk.read(0, 0, 512).unwrap().status, OK);
+    let status = daemon.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "exit {status}: {}", daemon.log_text());
+    assert!(!daemon.socket.exists(), "socket left behind");
+}
+
+#[test]
+fn stale_socket_is_replaced_and_live_one_is_refused() {
+    let scratch = Scratch::new("stale");
+    let image = scratch.image(1 << 20);
+    let socket = scratch.path("blk.sock");
+    drop(UnixListener::bind(&socket).unwrap());
+    let daemon = Daemon::start_with(scratch, image.clone(), &[]);
+    let mut blk = daemon.connect(1);
+    assert_eq!(blk.read(0, 0, 512).unwrap().status, OK);
+
+    // A second daemon on the same (live) socket refuses to start.
+    let (status, stderr) = run_cli(&[
+        "--socket",
+        daemon.socket.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--readonly",
+    ]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("in use"), "{stderr}");
+}
+
+#[test]
+fn second_writer_on_one_image_is_refused() {
+    let daemon = Daemon::start("lock", &[]);
+    let socket = daemon.scratch.path("other.sock");
+    let (status, stderr) = run_cli(&[
+        "--socket",
+        socket.to_str().unwrap(),
+        "--image",
+        daemon.image.to_str().unwrap(),
+    ]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("locked"), "{stderr}");
+}
+
+fn assert_usage_error(args: &[&str], names: &str) {
+    let (status, stderr) = run_cli(args);
+    assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{args:?}: not one line: {stderr}"
+    );
+    assert!(stderr.starts_with("vhost-user-blk: error: "), "{stderr}");
+    assert!(
+        stderr.contains(names),
+        "{args:?}: {stderr} does not name {names}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bad_command_lines_are_one_line_errors() {
+    assert_usage_error(&["--socket", "/tmp/x.sock"], "--image");
+    assert_usage_error(&["--image", "/tmp/x.img"], "--socket");
+    assert_usage_error(
+        &[
+            "--socket",
+            "/tmp/x.sock",
+            "--image",
+            "/tmp/x",
+            "--queues",
+            "0",
+        ],
+        "--queues",
+    );
+    assert_usage_error(
+        &[
+            "--socket",
+            "/tmp/x.sock",
+            "--image",
+            "/tmp/x",
+            "--queues",
+            "many",
+        ],
+        "--queues",
+    );
+    assert_usage_error(
+        &[
+            "--socket",
+            "/tmp/x.sock",
+            "--image",
+            "/tmp/x",
+            "--queue-size",
+            "1000",
+        ],
+        "--queue-size",
+    );
+    assert_usage_error(
+        &[
+            "--socket",
+            "/tmp/x.sock",
+            "--image",
+            "/tmp/x",
+            "--frobnicate",
+        ],
+        "--frobnicate",
+    );
+    assert_usage_error(
+        &[
+            "--socket",
+            "/tmp/x.sock",
+            "--image",
+            "/tmp/x",
+            "--serial",
+            "a-serial-that-is-too-long",
+        ],
+        "--serial",
+    );
+    assert_usage_error(
+        &[
+            "--socket",
+            "/tmp/x.sock",
+            "--image",
+            "/tmp/x",
+            "--seccomp",
+            "maybe",
+        ],
+        "--seccomp",
+    );
+
+    // A missing image file is not a usage error but names the file.
+    let scratch = Scratch::new("cli");
+    let missing = scratch.path("missing.img");
+    let socket = scratch.path("s.sock");
+    let (status, stderr) = run_cli(&[
+        "--socket",
+        socket.to_str().unwrap(),
+        "--image",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("missing.img") && stderr.contains("No such file"),
+        "{stderr}"
+    );
+    assert!(!socket.exists());
+
+    let (status, _) = run_cli(&["--help"]);
+    assert!(status.success());
+}
