@@ -97,7 +97,12 @@ where
         let ended = daemon.wait();
         stop.set_connection(None);
         match ended {
-            Ok(()) => log::info!("frontend disconnected (connection {number})"),
+            // A frontend that goes away between messages (or mid-message, if it died) is the
+            // normal end of a connection.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => log::info!("frontend disconnected (connection {number})"),
             // A misbehaving frontend ends its own connection, not the daemon.
             Err(e) => log::warn!("connection {number} ended: {e}"),
         }
