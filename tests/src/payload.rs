@@ -559,15 +559,21 @@ fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf> 
     Ok(path)
 }
 
-/// A private scratch directory for this test process.
+/// A scratch directory shared by all test processes (files in it are replaced atomically with
+/// [`write_scratch`], so parallel tests and repeated runs neither clash nor pile up).
 pub fn scratch_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("cloister-payloads-{}", std::process::id()));
+        let dir = std::env::temp_dir().join("cloister-tests");
         std::fs::create_dir_all(&dir).expect("create scratch directory");
         dir
     })
     .clone()
+}
+
+/// Writes `bytes` to `name` in the scratch directory, atomically; returns the path.
+pub fn write_scratch(name: &str, bytes: &[u8]) -> PathBuf {
+    write_file(&scratch_dir(), name, bytes).expect("write scratch file")
 }
 
 /// Path to the `cloister` binary of this build profile. Builds it first (once per test

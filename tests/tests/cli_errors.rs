@@ -52,8 +52,7 @@ fn missing_kernel_file() {
 
 #[test]
 fn kernel_that_is_not_a_kernel() {
-    let path = payload::scratch_dir().join("not-a-kernel.txt");
-    std::fs::write(&path, "#!/bin/sh\necho hello\n").expect("write file");
+    let path = payload::write_scratch("not-a-kernel.txt", b"#!/bin/sh\necho hello\n");
     let r = run(&["--kernel", path.to_str().expect("utf-8 path")]);
     assert_usage_error(&r, "--kernel", "not an ELF vmlinux or bzImage");
 }
@@ -72,8 +71,7 @@ fn elf_without_pvh_note() {
     let note_type = 0x100 + 8;
     assert_eq!(elf[note_type], 18);
     elf[note_type] = 17;
-    let path = payload::scratch_dir().join("no-pvh-note.elf");
-    std::fs::write(&path, elf).expect("write file");
+    let path = payload::write_scratch("no-pvh-note.elf", &elf);
     let r = run(&["--kernel", path.to_str().expect("utf-8 path")]);
     // This one is found while loading, so it needs /dev/kvm to get that far.
     if std::path::Path::new("/dev/kvm").exists() {

@@ -159,12 +159,13 @@ fn serial_file_and_off() {
     if !kvm_available("serial_file_and_off") {
         return;
     }
-    let log = payload::scratch_dir().join("console.log");
+    let log = payload::scratch_dir().join(format!("console-{}.log", std::process::id()));
     let arg = format!("file={}", log.display());
     let run = boot(Payload::PowerOff, &["--serial", &arg]);
     assert_eq!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
     assert_eq!(run.stdout, "");
     let logged = std::fs::read_to_string(&log).expect("console log");
+    let _ = std::fs::remove_file(&log);
     assert_eq!(logged, format!("{}\n", payload::MARKER_OK));
 
     let run = boot(Payload::PowerOff, &["--serial", "off"]);
@@ -205,9 +206,7 @@ fn sigterm_stops_a_hung_guest() {
 
 /// An initramfs whose content is a NUL-terminated line, so the payloads can print it.
 fn initramfs() -> PathBuf {
-    let path = payload::scratch_dir().join("initramfs.txt");
-    std::fs::write(&path, b"CLOISTER-INITRAMFS-OK\n\0").expect("write initramfs");
-    path
+    payload::write_scratch("initramfs.txt", b"CLOISTER-INITRAMFS-OK\n\0")
 }
 
 const CMDLINE: &str = "console=ttyS0 cloister.test=echo";
