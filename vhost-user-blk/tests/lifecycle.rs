@@ -7,6 +7,7 @@ use std::os::unix::net::UnixListener;
 
 use cloister_backends::test_frontend::blk::*;
 use common::*;
+use vm_memory::Bytes;
 
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
 
@@ -42,6 +43,50 @@ fn stopping_a_queue_reports_its_position_and_it_can_restart() {
     // A fresh connection starts from a fresh ring.
     let mut blk = daemon.connect(1);
     assert_eq!(blk.read(0, 0, 4096).unwrap().status, OK);
+}
+
+#[test]
+fn stopping_a_queue_finishes_requests_in_flight() {
+    // O_DIRECT reads take the device's time, so they are still in flight when GET_VRING_BASE
+    // arrives right after the kick.
+    let daemon = Daemon::start("stop-inflight", &["--direct"]);
+    let mut blk = daemon.connect(1);
+    let ram = blk.ram().clone();
+    let mem = ram.memory();
+    let mut statuses = Vec::new();
+    for i in 0..32u64 {
+        let header_addr = ram.alloc(16, 16).unwrap();
+        let data = ram.alloc(65536, 4096).unwrap();
+        let status = ram.alloc(1, 1).unwrap();
+        mem.write_slice(&header(VIRTIO_BLK_T_IN, i * 128), header_addr)
+            .unwrap();
+        mem.write_obj(STATUS_UNTOUCHED, status).unwrap();
+        blk.queue(0)
+            .add(&[
+                cloister_backends::test_frontend::Buffer::readable(header_addr, 16),
+                cloister_backends::test_frontend::Buffer::writable(data, 65536),
+                cloister_backends::test_frontend::Buffer::writable(status, 1),
+            ])
+            .unwrap();
+        statuses.push(status);
+    }
+    blk.queue(0).kick_now().unwrap();
+    // Give the backend a moment to pop them, then stop the queue.
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let base = blk.connection().stop_queue(0).unwrap();
+    assert!(base > 0, "the backend took nothing in 2 ms");
+    // Whatever the backend took, it finished and returned before answering.
+    let mut used = 0;
+    while blk.queue(0).pop_used().unwrap().is_some() {
+        used += 1;
+    }
+    assert_eq!(
+        used, base,
+        "every request taken was completed before GET_VRING_BASE returned"
+    );
+    for status in &statuses[..used as usize] {
+        assert_eq!(mem.read_obj::<u8>(*status).unwrap(), OK);
+    }
 }
 
 #[test]
