@@ -5,8 +5,13 @@ use std::path::PathBuf;
 use crate::HarnessError;
 
 /// The binaries a scenario may use; only `cloister` is required.
-pub const PROJECT_BINARIES: &[&str] =
-    &["cloister", "vhost-user-blk", "vhost-user-net", "boot-timer"];
+pub const PROJECT_BINARIES: &[&str] = &[
+    "cloister",
+    "vhost-user-blk",
+    "vhost-user-net",
+    "boot-timer",
+    "make-payload",
+];
 
 /// `target/<profile>/`, found from the running executable: a test (`target/<profile>/deps/NAME`)
 /// or one of this crate's binaries (`target/<profile>/NAME`).

@@ -167,7 +167,10 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Kvm("get the supported CPUID", e))?;
-        let base_cpuid = supported.as_slice().to_vec();
+        let mut base_cpuid = supported.as_slice().to_vec();
+        if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+            cpuid::enable_tsc_deadline(&mut base_cpuid);
+        }
 
         let entry = boot::setup(
             &ram,

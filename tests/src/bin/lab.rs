@@ -1,7 +1,7 @@
 //! `lab`: runs one scenario script in the lab (or directly on a hardware-KVM host) and shows its
 //! console; the demo and the benchmarks use it.
 //!
-//! Usage: lab [--rootfs] [--timeout SECS] SCRIPT [NAME]
+//! Usage: lab [--rootfs] [--memory MIB] [--timeout SECS] SCRIPT [NAME]
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use harness::{lab, LabOptions, Scenario};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: lab [--rootfs] [--timeout SECS] SCRIPT [NAME]");
+    eprintln!("usage: lab [--rootfs] [--memory MIB] [--timeout SECS] SCRIPT [NAME]");
     ExitCode::from(2)
 }
 
@@ -21,6 +21,10 @@ fn main() -> ExitCode {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--rootfs" => options.rootfs = true,
+            "--memory" => match args.next().and_then(|v| v.parse().ok()) {
+                Some(mib) => options.memory_mib = mib,
+                None => return usage(),
+            },
             "--timeout" => match args.next().and_then(|v| v.parse().ok()) {
                 Some(secs) => timeout = Duration::from_secs(secs),
                 None => return usage(),
