@@ -27,6 +27,10 @@ pub struct Disk {
     buffered: Option<File>,
     direct: Option<DirectAlignment>,
     capacity: u64,
+    /// Holds the image lock. A descriptor of its own: the io_uring's fixed-file table keeps
+    /// the others open until the kernel tears the ring down, which happens asynchronously
+    /// after the process exits, and would keep a restarted daemon from locking the image.
+    _lock: File,
 }
 
 impl Disk {
@@ -40,8 +44,16 @@ impl Disk {
                 source,
             })
         };
+        let lock_file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| Error::OpenImage {
+                path: path.to_owned(),
+                source,
+            })?;
+        lock(&lock_file, path, readonly)?;
         let mut file = open(direct)?;
-        lock(&file, path, readonly)?;
         // Seeking works for block devices too, whose metadata length is 0.
         let size = file
             .seek(SeekFrom::End(0))
@@ -71,6 +83,7 @@ impl Disk {
             buffered,
             direct: alignment,
             capacity,
+            _lock: lock_file,
         })
     }
 
