@@ -1,6 +1,7 @@
 //! The device (lives as long as the daemon) and the per-connection `VhostUserBackend`.
 
 use std::io;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use cloister_backends::server::GuestMemory;
@@ -245,21 +246,29 @@ impl VhostUserBackend for Connection {
         thread_id: usize,
     ) -> io::Result<()> {
         // Errors are logged, never returned: an error ends the worker thread for good, and a
-        // guest must not be able to stop its own queue's service that way.
-        let (Some(mut worker), Some(vring)) = (self.shared.worker(thread_id), vrings.first())
-        else {
-            return Ok(());
-        };
-        let mem = self.memory();
-        if device_event == 0 {
-            // A kick before SET_MEM_TABLE has nothing to look at.
-            if let Some(mem) = mem.as_ref() {
-                worker.kick(vring, mem);
+        // guest must not be able to stop its own queue's service that way. For the same
+        // reason a panic (a bug) is caught here rather than silently ending the thread.
+        let handled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let (Some(mut worker), Some(vring)) = (self.shared.worker(thread_id), vrings.first())
+            else {
+                return;
+            };
+            let mem = self.memory();
+            if device_event == 0 {
+                // A kick before SET_MEM_TABLE has nothing to look at.
+                if let Some(mem) = mem.as_ref() {
+                    worker.kick(vring, mem);
+                }
+            } else if device_event == self.shared.completion_event() {
+                worker.completions(vring, mem.as_ref());
+            } else {
+                log::debug!("queue {thread_id}: ignoring event {device_event}");
             }
-        } else if device_event == self.shared.completion_event() {
-            worker.completions(vring, mem.as_ref());
-        } else {
-            log::debug!("queue {thread_id}: ignoring event {device_event}");
+        }));
+        if handled.is_err() {
+            log::error!(
+                "queue {thread_id}: internal error while handling an event; the queue may stall until the device is reset"
+            );
         }
         Ok(())
     }
