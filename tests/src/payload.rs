@@ -39,6 +39,8 @@ pub const MARKER_SMP_BSP: &str = "CLOISTER-SMP-BSP";
 /// The application processor came up through INIT/SIPI and ran its real-mode code.
 pub const MARKER_SMP_AP_OK: &str = "CLOISTER-SMP-AP-OK";
 pub const MARKER_SMP_AP_TIMEOUT: &str = "CLOISTER-SMP-AP-TIMEOUT";
+/// Printed by [`Payload::StringIo`] with `rep outsb`; the `QQQ` comes from `rep insb`.
+pub const MARKER_STRING_IO: &str = "CLOISTER-STRING-IO-QQQ";
 
 /// What the payload does after printing its marker line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -64,6 +66,10 @@ pub enum Payload {
     /// Wakes vCPU 1 with INIT/SIPI, waits for it to set a flag from real mode, reports, powers
     /// off. Needs `--cpus boot=2` or more.
     Smp,
+    /// Port I/O the devices see in odd shapes: a 4-byte `in` from the UART's data port, a
+    /// 2-byte `out` to pvpanic (bit 0 of its first byte clear), `rep insb` from the UART's
+    /// scratch register into its own marker, then the marker through `rep outsb`; powers off.
+    StringIo,
 }
 
 /// Guest-physical load address of the code (the kernel's usual 1 MiB start).
@@ -159,6 +165,12 @@ impl Asm {
         self.mov_dx(port);
         self.emit(&[0xb0, v]); // mov al, imm8
         self.emit(&[0xee]); // out dx, al
+    }
+
+    /// mov ecx, imm32
+    fn mov_ecx(&mut self, v: u32) {
+        self.emit(&[0xb9]); // mov ecx, imm32
+        self.imm32(v);
     }
 
     /// mov dword [addr], imm32
@@ -358,6 +370,30 @@ fn segments(kind: Payload) -> (Vec<u8>, Option<Vec<u8>>) {
                 0xf4, // hlt
                 0xeb, 0xfd, // jmp short back to hlt
             ]);
+        }
+        Payload::StringIo => {
+            // The marker with its last three bytes as placeholders that `rep insb` fills in.
+            let line = MARKER_STRING_IO.replace("QQQ", "???");
+            let msg = d.add(format!("{line}\n").as_bytes());
+            let fill = msg + line.len() as u32 - 3;
+            a.emit(&[0xfc]); // cld
+            a.mov_dx(COM1_PORT);
+            a.emit(&[0xed]); // in eax, dx  (4 bytes from a byte register)
+            a.mov_dx(PVPANIC_PORT);
+            a.emit(&[0x66, 0xb8, 0x00, 0x01]); // mov ax, 0x0100  (first byte 0: no panic)
+            a.emit(&[0x66, 0xef]); // out dx, ax
+            a.out_dx_imm8(COM1_PORT + 7, b'Q'); // scratch register = 'Q'
+            a.emit(&[0xbf]); // mov edi, imm32
+            a.imm32(fill);
+            a.mov_ecx(3);
+            a.emit(&[0xf3, 0x6c]); // rep insb  (es:[edi++] = in dx, ecx times; dx is SCR)
+            a.emit(&[0xbe]); // mov esi, imm32
+            a.imm32(msg);
+            a.mov_ecx(line.len() as u32 + 1);
+            a.mov_dx(COM1_PORT);
+            a.emit(&[0xf3, 0x6e]); // rep outsb  (out dx, ds:[esi++], ecx times)
+            a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
+            a.halt_forever();
         }
     }
     let mut code = a.finish();

@@ -286,6 +286,17 @@ fn stdin_reaches_the_guest_uart() {
     assert_eq!(run.stdout.as_bytes(), &line[..]);
 }
 
+#[test]
+fn string_and_odd_sized_port_io() {
+    if !kvm_available("string_and_odd_sized_port_io") {
+        return;
+    }
+    let run = boot(Payload::StringIo, &[]);
+    assert_eq!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.stdout, format!("{}\n", payload::MARKER_STRING_IO));
+    assert_eq!(run.stderr, "");
+}
+
 /// Not a test: writes every payload to `$CLOISTER_PAYLOAD_DIR` for manual runs and the lab.
 /// `CLOISTER_PAYLOAD_DIR=/tmp/p cargo test -p cloister-tests --test host_boot -- --ignored`
 #[test]
@@ -304,6 +315,7 @@ fn write_payloads() {
         Payload::Echo,
         Payload::EchoInput,
         Payload::Smp,
+        Payload::StringIo,
     ] {
         let p = payload::write(kind, &dir).expect("write payload");
         eprintln!("{}", p.display());

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_mp_state, kvm_run, CpuId, Msrs, KVM_INTERNAL_ERROR_DELIVERY_EV,
+    kvm_mp_state, kvm_run, CpuId, Msrs, KVM_EXIT_IO_IN, KVM_INTERNAL_ERROR_DELIVERY_EV,
     KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_SIMUL_EX,
     KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -77,6 +77,24 @@ extern "C" fn handle_kick(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
         // SAFETY: non-null only while this thread's VcpuFd (which owns the mapping) is alive;
         // a volatile byte store is async-signal-safe.
         unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).immediate_exit), 1) };
+    }
+}
+
+/// Publishes a `kvm_run` to this thread's kick handler for as long as it lives, and withdraws
+/// it when dropped, so a kick that arrives after the mapping is gone (after a panic, say) finds
+/// a null pointer instead of unmapped memory.
+struct KickTarget;
+
+impl KickTarget {
+    fn publish(run: *mut kvm_run) -> Self {
+        KVM_RUN.with(|r| r.set(run));
+        KickTarget
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        KVM_RUN.with(|r| r.set(ptr::null_mut()));
     }
 }
 
@@ -171,30 +189,22 @@ impl Vcpu {
     /// The vCPU thread's body: runs until the guest or the VMM stops the VM, and reports why
     /// if this vCPU is the reason.
     pub fn run(mut self, ctx: VcpuContext) {
-        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
-        KVM_RUN.with(|r| r.set(run_ptr));
+        // A local of the body, so it is dropped before the parameter `self` (and with it the
+        // kvm_run mapping), on return and when a panic unwinds alike.
+        let _kick_target = KickTarget::publish(self.fd.get_kvm_run());
         while !ctx.stop.load(Ordering::Acquire) {
             if let Some(reason) = self.step(&ctx) {
                 ctx.exit.request(reason);
                 break;
             }
         }
-        KVM_RUN.with(|r| r.set(ptr::null_mut()));
     }
 
     /// One KVM_RUN and the handling of its exit. `Some` stops the VM.
     fn step(&mut self, ctx: &VcpuContext) -> Option<ExitReason> {
         let failure = match self.fd.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                if !ctx.io_bus.read(u64::from(port), data) {
-                    // Nothing there: an ISA bus floats high. Covers probes of the debug port,
-                    // CMOS, absent UARTs and the like, silently.
-                    data.fill(0xff);
-                }
-                return None;
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                ctx.io_bus.write(u64::from(port), data);
+            Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => {
+                self.port_io(&ctx.io_bus);
                 return None;
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -243,6 +253,30 @@ impl Vcpu {
         })
     }
 
+    /// Handles a KVM_EXIT_IO. kvm-ioctls hands out the data as one slice, but a string or
+    /// repeated instruction (`rep outsb`, `rep insw`) exits once with `count` items of `size`
+    /// bytes back to back, each of which is an access of its own; only `kvm_run` says which.
+    fn port_io(&mut self, bus: &Bus) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the caller matched KVM_EXIT_IO, so `io` is the valid member of the union.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size);
+        let len = size * io.count as usize;
+        // SAFETY: as in kvm-ioctls' own KVM_EXIT_IO handling: the kernel puts the data
+        // `data_offset` bytes into the kvm_run mapping (its PIO page, which `size * count`
+        // never exceeds), and the slice lives no longer than the borrow of `run`.
+        let data = unsafe {
+            let start = (run as *mut kvm_run).cast::<u8>();
+            std::slice::from_raw_parts_mut(start.add(io.data_offset as usize), len)
+        };
+        let port = u64::from(io.port);
+        if u32::from(io.direction) == KVM_EXIT_IO_IN {
+            port_in(bus, port, data, size);
+        } else {
+            port_out(bus, port, data, size);
+        }
+    }
+
     /// Adds what `kvm_run` says about the exit and where the guest was.
     fn describe_failure(&mut self, mut detail: String) -> String {
         let run = self.fd.get_kvm_run();
@@ -283,5 +317,103 @@ impl Vcpu {
             ));
         }
         detail
+    }
+}
+
+/// Reads `data` from `port` as `size`-byte items, one device access each. A port nobody
+/// decodes reads as all ones, as an ISA bus floats high; that covers probes of the debug port,
+/// CMOS, absent UARTs and the like, silently.
+fn port_in(bus: &Bus, port: u64, data: &mut [u8], size: usize) {
+    if size == 0 {
+        return;
+    }
+    for item in data.chunks_mut(size) {
+        if !bus.read(port, item) {
+            item.fill(0xff);
+        }
+    }
+}
+
+/// Writes `data` to `port` as `size`-byte items, one device access each.
+fn port_out(bus: &Bus, port: u64, data: &[u8], size: usize) {
+    if size == 0 {
+        return;
+    }
+    for item in data.chunks(size) {
+        bus.write(port, item);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::BusDevice;
+    use std::sync::Mutex;
+
+    /// Records every access with its width; reads return a counter.
+    #[derive(Default)]
+    struct Port {
+        writes: Mutex<Vec<Vec<u8>>>,
+        reads: Mutex<u8>,
+    }
+
+    impl BusDevice for Port {
+        fn read(&self, _offset: u64, data: &mut [u8]) {
+            let mut n = self.reads.lock().unwrap();
+            *n += 1;
+            data.fill(*n);
+        }
+        fn write(&self, _offset: u64, data: &[u8]) {
+            self.writes.lock().unwrap().push(data.to_vec());
+        }
+    }
+
+    #[test]
+    fn string_io_is_one_access_per_item() {
+        let bus = Bus::new();
+        let dev = Arc::new(Port::default());
+        bus.insert(dev.clone(), 0x3f8, 8).unwrap();
+
+        // rep outsb of "abc": three 1-byte writes.
+        port_out(&bus, 0x3f8, b"abc", 1);
+        // rep outsw of two words: two 2-byte writes.
+        port_out(&bus, 0x3f8, &[1, 2, 3, 4], 2);
+        assert_eq!(
+            *dev.writes.lock().unwrap(),
+            vec![vec![b'a'], vec![b'b'], vec![b'c'], vec![1, 2], vec![3, 4]]
+        );
+
+        // rep insb of three bytes: three reads.
+        let mut data = [0u8; 3];
+        port_in(&bus, 0x3f8, &mut data, 1);
+        assert_eq!(data, [1, 2, 3]);
+        // One 4-byte in: one read.
+        let mut data = [0u8; 4];
+        port_in(&bus, 0x3f8, &mut data, 4);
+        assert_eq!(data, [4; 4]);
+
+        // Nothing decodes the port: all ones. Degenerate sizes do not panic.
+        let mut data = [0u8; 4];
+        port_in(&bus, 0x80, &mut data, 2);
+        assert_eq!(data, [0xff; 4]);
+        port_in(&bus, 0x3f8, &mut data, 0);
+        port_out(&bus, 0x3f8, &data, 0);
+        port_in(&bus, 0x3f8, &mut [0u8; 3], 2);
+    }
+
+    #[test]
+    fn kick_target_is_withdrawn_when_a_vcpu_thread_unwinds() {
+        let mut fake = kvm_run::default();
+        let ptr: *mut kvm_run = &mut fake;
+        let r = std::panic::catch_unwind(|| {
+            let _kick_target = KickTarget::publish(ptr);
+            assert_eq!(KVM_RUN.with(|r| r.get()), ptr);
+            panic!("a device bug");
+        });
+        assert!(r.is_err());
+        assert!(KVM_RUN.with(|r| r.get()).is_null());
+        // A kick now is harmless.
+        handle_kick(kick_signal(), ptr::null_mut(), ptr::null_mut());
+        assert_eq!(fake.immediate_exit, 0);
     }
 }

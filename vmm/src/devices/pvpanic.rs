@@ -53,4 +53,19 @@ mod tests {
         dev.write(0, &[PVPANIC_PANICKED]);
         assert_eq!(exit.reason(), Some(ExitReason::GuestPanic));
     }
+
+    #[test]
+    fn odd_sizes() {
+        let exit = Arc::new(ExitLatch::new().unwrap());
+        let dev = PvPanic::new(exit.clone());
+        let mut wide = [0xaau8; 4];
+        dev.read(0, &mut wide);
+        assert_eq!(wide, [3, 0, 0, 0]);
+        dev.read(0, &mut []);
+        dev.write(0, &[]);
+        dev.write(0, &[0, PVPANIC_PANICKED]);
+        assert_eq!(exit.reason(), None, "only the first byte is the register");
+        dev.write(0, &[PVPANIC_PANICKED, 0]);
+        assert_eq!(exit.reason(), Some(ExitReason::GuestPanic));
+    }
 }

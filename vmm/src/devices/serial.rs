@@ -138,4 +138,19 @@ mod tests {
         assert_eq!(b[0], b'b');
         assert_eq!(dev.drained_event().unwrap().read().unwrap(), 1);
     }
+
+    #[test]
+    fn wide_and_empty_accesses_are_ignored() {
+        let sink = Sink::default();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let dev = SerialDevice::new(irq, Box::new(sink.clone())).unwrap();
+        let mut wide = [0u8; 4];
+        dev.read(0, &mut wide);
+        assert_eq!(wide, [0xff; 4]);
+        dev.read(7, &mut []);
+        dev.write(0, b"ab");
+        dev.write(0, &[]);
+        dev.write(u64::MAX, b"a");
+        assert!(sink.0.lock().unwrap().is_empty());
+    }
 }
