@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! 0x0000_0000  RAM (real-mode area; boot structures below)
-//!   0x500        GDT            0x520  IDT
+//!   0x500        GDT            0x530  IDT
 //!   0x6000       PVH hvm_start_info + module list
 //!   0x7000       PVH memory map / bzImage zero page (boot_params)
 //!   0x8ff0       initial stack (bzImage)
@@ -20,7 +20,7 @@
 use vm_memory::GuestAddress;
 
 pub const BOOT_GDT_START: u64 = 0x500;
-pub const BOOT_IDT_START: u64 = 0x520;
+pub const BOOT_IDT_START: u64 = 0x530;
 pub const PVH_INFO_START: u64 = 0x6000;
 pub const PVH_MODLIST_START: u64 = 0x6040;
 pub const PVH_MEMMAP_START: u64 = 0x7000;
@@ -111,6 +111,9 @@ impl RamLayout {
 
 // The fixed areas must not overlap; checked at compile time.
 const _: () = {
+    // The boot GDT has 5 descriptors (cpu::regs); the IDT is one.
+    assert!(BOOT_GDT_START + 5 * 8 <= BOOT_IDT_START);
+    assert!(BOOT_IDT_START + 8 <= PVH_INFO_START);
     assert!(PVH_MODLIST_START + 32 <= PVH_MEMMAP_START);
     assert!(PD_START + 4 * 0x1000 <= CMDLINE_START);
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE <= EBDA_START);

@@ -65,7 +65,11 @@ pub fn segment_from_gdt(entry: u64, index: usize) -> kvm_segment {
     }
 }
 
-fn gdt(long_mode: bool) -> [u64; 5] {
+/// Descriptors in the boot GDT: null, unused, code, data, TSS.
+const GDT_ENTRIES: usize = GDT_TSS + 1;
+const _: () = assert!(BOOT_GDT_START + (GDT_ENTRIES * 8) as u64 <= BOOT_IDT_START);
+
+fn gdt(long_mode: bool) -> [u64; GDT_ENTRIES] {
     let code = if long_mode {
         CODE64_FLAGS
     } else {
@@ -230,6 +234,27 @@ mod tests {
             cr3: 0x9000,
         });
         assert_eq!((lin.rip, lin.rsi, lin.rsp), (0x10_0200, 0x7000, 0x8ff0));
+    }
+
+    #[test]
+    fn idt_does_not_overwrite_the_gdt() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let entry = BootEntry::Linux64 {
+            entry: 0x10_0200,
+            boot_params: 0x7000,
+            cr3: 0x9000,
+        };
+        let mut sregs = kvm_sregs::default();
+        boot_sregs(&mem, &entry, &mut sregs).unwrap();
+        let table = gdt(true);
+        for (i, e) in table.iter().enumerate() {
+            let got: u64 = mem
+                .read_obj(GuestAddress(sregs.gdt.base + (i * 8) as u64))
+                .unwrap();
+            assert_eq!(got, *e, "GDT entry {i}");
+        }
+        assert!(sregs.gdt.base + u64::from(sregs.gdt.limit) < sregs.idt.base);
+        assert_eq!(sregs.tr.selector, 0x20);
     }
 
     #[test]
