@@ -55,7 +55,8 @@ pub fn vendor(entries: &[kvm_cpuid_entry2]) -> Vendor {
     id[4..8].copy_from_slice(&e.edx.to_le_bytes());
     id[8..].copy_from_slice(&e.ecx.to_le_bytes());
     match &id {
-        b"GenuineIntel" => Vendor::Intel,
+        // Centaur and Zhaoxin CPUs describe their caches and topology the way Intel's do.
+        b"GenuineIntel" | b"CentaurHauls" | b"  Shanghai  " => Vendor::Intel,
         b"AuthenticAMD" | b"HygonGenuine" => Vendor::Amd,
         _ => Vendor::Other,
     }
@@ -71,7 +72,6 @@ fn id_bits(n: u32) -> u32 {
     n.max(1).next_power_of_two().trailing_zeros()
 }
 
-/// Patches KVM's supported CPUID for vCPU `apic_id` of `vcpus`.
 /// KVM emulates the LAPIC's TSC-deadline timer mode in the kernel but leaves the CPUID bit to
 /// the VMM (KVM_CAP_TSC_DEADLINE_TIMER). Without it Linux programs the LAPIC timer in one-shot
 /// mode, two register writes (two exits) per timer event instead of one MSR write.
@@ -81,6 +81,7 @@ pub fn enable_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
     }
 }
 
+/// Patches KVM's supported CPUID for vCPU `apic_id` of `vcpus`.
 pub fn patch(entries: &mut Vec<kvm_cpuid_entry2>, apic_id: u32, vcpus: u32) {
     let vendor = vendor(entries);
     let max_basic = find(entries, LEAF_VENDOR, 0).map_or(0, |e| e.eax);
@@ -99,10 +100,9 @@ pub fn patch(entries: &mut Vec<kvm_cpuid_entry2>, apic_id: u32, vcpus: u32) {
                 }
             }
             LEAF_CACHE_INTEL if vendor == Vendor::Intel && e.eax & 0x1f != 0 => {
-                let level = (e.eax >> 5) & 0x7;
-                let sharing = if level >= 3 { id_space - 1 } else { 0 };
-                e.eax &= !((0x3f << 26) | (0xfff << 14));
-                e.eax |= ((id_space - 1).min(0x3f) << 26) | (sharing.min(0xfff) << 14);
+                // Cores per package - 1 in 31:26.
+                e.eax = (e.eax & !(0x3f << 26)) | ((id_space - 1).min(0x3f) << 26);
+                set_cache_sharing(&mut e.eax, id_space);
             }
             LEAF_HYPERVISOR => {
                 e.eax = e.eax.max(LEAF_KVM_FEATURES);
@@ -120,9 +120,7 @@ pub fn patch(entries: &mut Vec<kvm_cpuid_entry2>, apic_id: u32, vcpus: u32) {
                 e.ecx = (e.ecx & !0xf0ff) | (id_bits(vcpus) << 12) | ((vcpus - 1) & 0xff);
             }
             LEAF_CACHE_AMD if vendor == Vendor::Amd && e.eax & 0x1f != 0 => {
-                let level = (e.eax >> 5) & 0x7;
-                let sharing = if level >= 3 { id_space - 1 } else { 0 };
-                e.eax = (e.eax & !(0xfff << 14)) | (sharing.min(0xfff) << 14);
+                set_cache_sharing(&mut e.eax, id_space);
             }
             LEAF_TOPOLOGY_AMD if vendor == Vendor::Amd => {
                 // Extended APIC ID; core ID with one thread per core; one node.
@@ -150,6 +148,15 @@ pub fn patch(entries: &mut Vec<kvm_cpuid_entry2>, apic_id: u32, vcpus: u32) {
             entries.extend(x2apic_topology(leaf, apic_id, vcpus));
         }
     }
+}
+
+/// Cache descriptor EAX (leaf 4 and 0x8000001D share the layout: type in 4:0, level in 7:5,
+/// logical processors sharing the cache - 1 in 25:14). With one thread per core, L1 and L2 are
+/// private to a vCPU; L3 and beyond are shared by the whole package (`id_space` APIC IDs).
+fn set_cache_sharing(eax: &mut u32, id_space: u32) {
+    let level = (*eax >> 5) & 0x7;
+    let sharing = if level >= 3 { id_space - 1 } else { 0 };
+    *eax = (*eax & !(0xfff << 14)) | (sharing.min(0xfff) << 14);
 }
 
 fn set_signature(e: &mut kvm_cpuid_entry2) {
@@ -255,7 +262,20 @@ mod tests {
     fn detects_vendor() {
         assert_eq!(vendor(&intel()), Vendor::Intel);
         assert_eq!(vendor(&amd()), Vendor::Amd);
+        assert_eq!(vendor(&[vendor_leaf(b"HygonGenuine", 0xd)]), Vendor::Amd);
+        assert_eq!(vendor(&[vendor_leaf(b"CentaurHauls", 0xd)]), Vendor::Intel);
+        assert_eq!(vendor(&[vendor_leaf(b"  Shanghai  ", 0xd)]), Vendor::Intel);
+        assert_eq!(vendor(&[vendor_leaf(b"VIA VIA VIA ", 0xd)]), Vendor::Other);
         assert_eq!(vendor(&[]), Vendor::Other);
+    }
+
+    #[test]
+    fn zhaoxin_gets_intel_cache_topology() {
+        let mut e = intel();
+        e[0] = vendor_leaf(b"  Shanghai  ", 0x1f);
+        patch(&mut e, 0, 4);
+        assert_eq!(get(&e, 4, 0).eax >> 26, 3);
+        assert_eq!((get(&e, 4, 2).eax >> 14) & 0xfff, 3);
     }
 
     #[test]
