@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_mp_state, kvm_run, CpuId, Msrs, KVM_EXIT_IO_IN, KVM_INTERNAL_ERROR_DELIVERY_EV,
-    KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_SIMUL_EX,
+    kvm_mp_state, kvm_msr_entry, kvm_run, CpuId, Msrs, KVM_EXIT_IO_IN,
+    KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_SIMUL_EX,
     KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
@@ -21,7 +21,7 @@ use libc::{c_int, c_void, siginfo_t};
 use thiserror::Error;
 use vm_memory::GuestMemoryError;
 
-use super::regs;
+use super::{msrs, regs};
 use crate::boot::BootEntry;
 use crate::devices::Bus;
 use crate::exit::{ExitLatch, ExitReason};
@@ -42,6 +42,12 @@ pub enum VcpuError {
         set: usize,
         total: usize,
         msr: u32,
+    },
+    #[error("vCPU {vcpu}: cannot build an MSR list")]
+    Fam {
+        vcpu: usize,
+        #[source]
+        source: vmm_sys_util::fam::Error,
     },
     #[error("vCPU {vcpu}: cannot write the boot GDT")]
     Gdt {
@@ -146,6 +152,7 @@ impl Vcpu {
                 msr: entries[set].index,
             });
         }
+        self.set_misc_enable()?;
         self.fd
             .set_fpu(&regs::boot_fpu())
             .map_err(self.kvm_err("set FPU state"))?;
@@ -182,6 +189,48 @@ impl Vcpu {
                     })
                     .map_err(self.kvm_err("set MP state"))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Turns fast strings on in MISC_ENABLE, keeping the bits KVM set (after CPUID, which
+    /// decides whether PEBS is available).
+    fn set_misc_enable(&self) -> Result<(), VcpuError> {
+        let entry = |data| kvm_msr_entry {
+            index: msrs::MSR_IA32_MISC_ENABLE,
+            data,
+            ..Default::default()
+        };
+        let fam = |e| VcpuError::Fam {
+            vcpu: self.index,
+            source: e,
+        };
+        let mut current = Msrs::from_entries(&[entry(0)]).map_err(fam)?;
+        let read = self
+            .fd
+            .get_msrs(&mut current)
+            .map_err(self.kvm_err("get MISC_ENABLE"))?;
+        if read != 1 {
+            return Err(VcpuError::Msr {
+                vcpu: self.index,
+                set: 0,
+                total: 1,
+                msr: msrs::MSR_IA32_MISC_ENABLE,
+            });
+        }
+        let value = msrs::misc_enable(current.as_slice()[0].data);
+        let new = Msrs::from_entries(&[entry(value)]).map_err(fam)?;
+        let set = self
+            .fd
+            .set_msrs(&new)
+            .map_err(self.kvm_err("set MISC_ENABLE"))?;
+        if set != 1 {
+            return Err(VcpuError::Msr {
+                vcpu: self.index,
+                set: 0,
+                total: 1,
+                msr: msrs::MSR_IA32_MISC_ENABLE,
+            });
         }
         Ok(())
     }
@@ -399,6 +448,45 @@ mod tests {
         port_in(&bus, 0x3f8, &mut data, 0);
         port_out(&bus, 0x3f8, &data, 0);
         port_in(&bus, 0x3f8, &mut [0u8; 3], 2);
+    }
+
+    fn read_misc_enable(vcpu: &Vcpu) -> u64 {
+        let mut m = Msrs::from_entries(&[kvm_msr_entry {
+            index: msrs::MSR_IA32_MISC_ENABLE,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(vcpu.fd.get_msrs(&mut m).unwrap(), 1);
+        m.as_slice()[0].data
+    }
+
+    /// Needs /dev/kvm; passes trivially without it (the host tests insist on KVM).
+    #[test]
+    fn configure_keeps_kvms_misc_enable_bits() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("SKIP: no /dev/kvm");
+            return;
+        };
+        let vm = kvm.create_vm().unwrap();
+        crate::irqchip::setup(&vm).unwrap();
+        let vcpu = Vcpu::new(&vm, 0).unwrap();
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .unwrap();
+        vcpu.fd.set_cpuid2(&cpuid).unwrap();
+        // What KVM resets it to on an Intel host without PEBS virtualization (KVM on an AMD host
+        // resets it to 0).
+        let kvms = msrs::MISC_ENABLE_BTS_UNAVAIL | msrs::MISC_ENABLE_PEBS_UNAVAIL;
+        let reset = Msrs::from_entries(&[kvm_msr_entry {
+            index: msrs::MSR_IA32_MISC_ENABLE,
+            data: kvms,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(vcpu.fd.set_msrs(&reset).unwrap(), 1);
+        vcpu.configure(&cpuid, &msrs::boot_msrs().unwrap(), None)
+            .unwrap();
+        assert_eq!(read_misc_enable(&vcpu), kvms | 1);
     }
 
     #[test]
