@@ -86,19 +86,51 @@ extract_vmlinux() {
     fi
 }
 
+# QEMU 8+ no longer ships the C virtiofsd; bookworm's own qemu-system-common 7.2 has it at
+# /usr/lib/qemu/virtiofsd. Taken from that package (downloaded, unpacked, never installed).
+build_c_virtiofsd() {
+    local ver dir tmp
+    ver=$(apt-cache madison qemu-system-common 2>/dev/null |
+        awk -F'|' '$3 ~ /bookworm\/main/ && $3 !~ /backports/ {gsub(/ /, "", $2); print $2; exit}')
+    if [ -z "$ver" ]; then
+        dir=$(ls -d "$cache"/virtiofsd-c-* 2>/dev/null | sort -V | tail -n1)
+    else
+        dir="$cache/virtiofsd-c-${ver//:/_}"
+    fi
+    [ -n "$dir" ] || { log "cannot find bookworm's qemu-system-common (run apt-get update)"; exit 1; }
+    if [ ! -f "$dir/done" ]; then
+        log "fetching the C virtiofsd from qemu-system-common $ver"
+        tmp=$(mktemp -d "$cache/tmp.XXXXXX")
+        chmod 777 "$tmp"
+        (cd "$tmp" && apt-get download -q "qemu-system-common=$ver" >&2)
+        dpkg-deb -x "$tmp"/*.deb "$tmp/x"
+        mkdir -p "$dir"
+        install -m 0755 "$tmp/x/usr/lib/qemu/virtiofsd" "$dir/virtiofsd"
+        rm -rf "$tmp"
+        touch "$dir/done"
+    fi
+    C_VIRTIOFSD=$dir/virtiofsd
+}
+
 # ---------------------------------------------------------------------------------------------
 # Helpers to assemble root trees.
 
-# Copies executables and the shared libraries they need (ldd closure) into a root tree.
+# Copies the shared libraries an executable needs (its ldd closure) into a root tree.
+copy_libs_of() {
+    local root=$1 f=$2 lib
+    ldd "$f" 2>/dev/null | awk '/=> \// {print $3} /^[[:space:]]*\/lib/ {print $1}' |
+        while read -r lib; do
+            [ -e "$root$lib" ] || install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
+        done
+}
+
+# Copies executables, at the same paths, and their shared libraries into a root tree.
 copy_with_libs() {
-    local root=$1 f lib
+    local root=$1 f
     shift
     for f in "$@"; do
         install -D -m 0755 "$f" "$root$f"
-        ldd "$f" 2>/dev/null | awk '/=> \// {print $3} /^[[:space:]]*\/lib/ {print $1}' |
-            while read -r lib; do
-                [ -e "$root$lib" ] || install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
-            done
+        copy_libs_of "$root" "$f"
     done
 }
 
@@ -160,7 +192,9 @@ lab_modules=(irqbypass kvm kvm_amd kvm_intel tun bridge veth vhost_net vhost_vso
 
 build_lab() {
     local key dir tmp root stage1 f
+    build_c_virtiofsd
     key=$( {
+        echo "$C_VIRTIOFSD"
         cat "$here/build.sh" "$here"/l1/*
         echo "$KERNEL_DIR"
         for f in qemu-system-x86 qemu-system-common qemu-system-data seabios fio iperf3 iproute2 \
@@ -173,6 +207,8 @@ build_lab() {
         root=$tmp/root
         busybox_root "$root"
         copy_with_libs "$root" "${lab_tools[@]}"
+        install -D -m 0755 "$C_VIRTIOFSD" "$root/usr/lib/qemu/virtiofsd"
+        copy_libs_of "$root" "$C_VIRTIOFSD"
         # QEMU's firmware for the machine types the tests use (q35/pc via SeaBIOS, microvm).
         # Debian's QEMU looks for firmware in /usr/share/qemu, then /usr/share/seabios.
         mkdir -p "$root/usr/share/qemu" "$root/usr/share/seabios"
