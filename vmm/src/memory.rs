@@ -36,6 +36,12 @@ pub enum MemoryError {
     },
     #[error("invalid guest RAM layout")]
     Layout(#[source] vm_memory::GuestRegionCollectionError),
+    #[error("guest RAM slot {slot} has no host mapping")]
+    HostAddress {
+        slot: u32,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     #[error("cannot register guest RAM slot {slot} with KVM")]
     KvmSlot {
         slot: u32,
@@ -93,10 +99,7 @@ impl GuestRam {
             let slot = slot as u32;
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|_| MemoryError::KvmSlot {
-                    slot,
-                    source: kvm_ioctls::Error::new(libc::EFAULT),
-                })?;
+                .map_err(|source| MemoryError::HostAddress { slot, source })?;
             let desc = kvm_userspace_memory_region {
                 slot,
                 flags: 0,
