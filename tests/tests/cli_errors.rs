@@ -61,7 +61,166 @@ fn kernel_that_is_not_a_kernel() {
 fn kernel_that_is_a_directory() {
     let dir = payload::scratch_dir();
     let r = run(&["--kernel", dir.to_str().expect("utf-8 path")]);
-    assert_usage_error(&r, "--kernel", "cannot read");
+    assert_usage_error(&r, "--kernel", "not a regular file");
+}
+
+/// A FIFO in the scratch directory, removed when dropped.
+struct Fifo(PathBuf);
+
+impl Fifo {
+    fn new(name: &str) -> Self {
+        let path = payload::scratch_dir().join(format!("{name}-{}.fifo", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let c = std::ffi::CString::new(path.to_str().expect("utf-8 path")).expect("no NUL");
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        Fifo(path)
+    }
+
+    fn arg(&self) -> &str {
+        self.0.to_str().expect("utf-8 path")
+    }
+}
+
+impl Drop for Fifo {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn kernel_that_is_a_fifo_is_refused_without_waiting_for_a_writer() {
+    let fifo = Fifo::new("kernel");
+    let r = run(&["--kernel", fifo.arg()]);
+    assert_usage_error(&r, "--kernel", "not a regular file");
+}
+
+#[test]
+fn initramfs_that_is_a_fifo_is_refused_without_waiting_for_a_writer() {
+    let fifo = Fifo::new("initramfs");
+    let r = run_with_kernel(&["--initramfs", fifo.arg()]);
+    assert_usage_error(&r, "--initramfs", "not a regular file");
+}
+
+#[test]
+fn truncated_bzimage_header() {
+    let mut k = payload::build_bzimage();
+    k.truncate(0x220);
+    let path = payload::write_scratch("truncated-header.bzimage", &k);
+    let r = run(&["--kernel", path.to_str().expect("utf-8 path")]);
+    assert_usage_error(
+        &r,
+        "--kernel",
+        "truncated: the setup header lies past the end of the 544-byte file",
+    );
+}
+
+fn kvm() -> bool {
+    std::path::Path::new("/dev/kvm").exists()
+}
+
+/// Byte offset of a field of the payload's PT_LOAD program header (the second one).
+fn load_phdr_field(field: usize) -> usize {
+    64 + 56 + field
+}
+
+fn put_u64(f: &mut [u8], at: usize, v: u64) {
+    f[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+#[test]
+fn elf_segment_past_the_end_of_ram() {
+    // Found while loading, so it needs /dev/kvm to get that far.
+    if !kvm() {
+        return;
+    }
+    let mut elf = payload::build(Payload::PowerOff);
+    put_u64(&mut elf, load_phdr_field(40), 1 << 30); // p_memsz: 1 GiB
+    let path = payload::write_scratch("huge-memsz.elf", &elf);
+    let r = run(&["--kernel", path.to_str().expect("utf-8 path")]);
+    assert_usage_error(
+        &r,
+        "--kernel",
+        "segment at 0x100000 (0x40000000 bytes) is outside guest RAM, which ends at \
+         0x20000000 (raise --memory)",
+    );
+    // An end that overflows is the same error, not a crash.
+    put_u64(&mut elf, load_phdr_field(40), u64::MAX - 0x1000);
+    let path = payload::write_scratch("overflowing-memsz.elf", &elf);
+    let r = run(&["--kernel", path.to_str().expect("utf-8 path")]);
+    assert_usage_error(&r, "--kernel", "is outside guest RAM");
+}
+
+#[test]
+fn elf_segment_over_the_acpi_tables() {
+    if !kvm() {
+        return;
+    }
+    let mut elf = payload::build(Payload::PowerOff);
+    put_u64(&mut elf, load_phdr_field(16), 0xe_0000); // p_vaddr
+    put_u64(&mut elf, load_phdr_field(24), 0xe_0000); // p_paddr
+    let path = payload::write_scratch("segment-in-bios-area.elf", &elf);
+    let r = run(&["--kernel", path.to_str().expect("utf-8 path")]);
+    assert_usage_error(&r, "--kernel", "overlaps the reserved legacy area");
+}
+
+#[test]
+fn truncated_elf() {
+    if !kvm() {
+        return;
+    }
+    let mut elf = payload::build(Payload::PowerOff);
+    elf.truncate(0x1100);
+    let path = payload::write_scratch("truncated.elf", &elf);
+    let r = run(&["--kernel", path.to_str().expect("utf-8 path")]);
+    assert_usage_error(
+        &r,
+        "--kernel",
+        "truncated: a segment lies past the end of the 4352-byte file",
+    );
+}
+
+#[test]
+fn bzimage_with_bogus_setup_sects() {
+    if !kvm() {
+        return;
+    }
+    let mut k = payload::build_bzimage();
+    k[0x1f1] = 200;
+    let path = payload::write_scratch("bogus-setup-sects.bzimage", &k);
+    let r = run(&["--kernel", path.to_str().expect("utf-8 path")]);
+    assert_usage_error(&r, "--kernel", "(truncated, or setup_sects is bogus)");
+}
+
+#[test]
+fn bzimage_that_cannot_decompress_in_ram() {
+    if !kvm() {
+        return;
+    }
+    let mut k = payload::build_bzimage();
+    k[0x260..0x264].copy_from_slice(&0x4000_0000u32.to_le_bytes()); // init_size: 1 GiB
+    let path = payload::write_scratch("huge-init-size.bzimage", &k);
+    let r = run(&["--kernel", path.to_str().expect("utf-8 path")]);
+    assert_usage_error(
+        &r,
+        "--kernel",
+        "decompressing needs 0x40000000 bytes from 0x100000, past guest RAM, which ends at \
+         0x20000000 (raise --memory)",
+    );
+}
+
+#[test]
+fn initramfs_larger_than_ram() {
+    if !kvm() {
+        return;
+    }
+    // Sparse: costs no disk space.
+    let path = payload::scratch_dir().join(format!("huge-initramfs-{}", std::process::id()));
+    let f = std::fs::File::create(&path).expect("create");
+    f.set_len(600 << 20).expect("set_len");
+    let r = run_with_kernel(&["--initramfs", path.to_str().expect("utf-8 path")]);
+    let _ = std::fs::remove_file(&path);
+    assert_usage_error(&r, "--initramfs", "(raise --memory)");
 }
 
 #[test]
@@ -98,6 +257,21 @@ fn cmdline_longer_than_the_kernel_accepts() {
         &r,
         "--cmdline",
         "3000 bytes is longer than the kernel's limit of 2047",
+    );
+}
+
+#[test]
+fn pvh_cmdline_longer_than_the_kernel_accepts() {
+    // x86 kernels take 2047 bytes and the NUL; PVH has no header to say otherwise.
+    if !kvm() {
+        return;
+    }
+    let long = "x".repeat(2048);
+    let r = run_with_kernel(&["--cmdline", &long]);
+    assert_usage_error(
+        &r,
+        "--cmdline",
+        "2048 bytes is longer than the kernel's limit of 2047",
     );
 }
 

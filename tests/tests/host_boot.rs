@@ -233,6 +233,21 @@ fn pvh_passes_cmdline_and_initramfs() {
 }
 
 #[test]
+fn pvh_takes_a_command_line_of_2047_bytes() {
+    if !kvm_available("pvh_takes_a_command_line_of_2047_bytes") {
+        return;
+    }
+    let mut cmdline = String::from(CMDLINE);
+    while cmdline.len() < 2047 {
+        cmdline.push_str(" x");
+    }
+    cmdline.truncate(2047);
+    let run = boot(Payload::Echo, &["--cmdline", &cmdline]);
+    assert_eq!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.stdout, format!("{cmdline}\n"));
+}
+
+#[test]
 fn bzimage_boots_in_long_mode_with_zero_page() {
     if !kvm_available("bzimage_boots_in_long_mode_with_zero_page") {
         return;

@@ -44,8 +44,8 @@ pub enum VmError {
     Acpi(#[from] AcpiError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    #[error("cannot write boot structures")]
-    Boot(#[source] BootError),
+    #[error(transparent)]
+    Boot(BootError),
     #[error("cannot add a device to the bus")]
     Bus(#[from] BusError),
     #[error("cannot {0}")]
@@ -162,8 +162,6 @@ impl Vm {
         .map_err(VmError::from)?;
         add(Arc::new(PvPanic::new(exit.clone())), PVPANIC_PORT, 1).map_err(VmError::from)?;
 
-        acpi::create_tables(&ram.memory, vcpu_count).map_err(VmError::from)?;
-
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Kvm("get the supported CPUID", e))?;
@@ -180,6 +178,8 @@ impl Vm {
             cpuid::has_1g_pages(&base_cpuid),
         )
         .map_err(|e| boot_error(cfg, e))?;
+        // After the kernel, so nothing in its file can overwrite them.
+        acpi::create_tables(&ram.memory, vcpu_count).map_err(VmError::from)?;
 
         let msrs = msrs::boot_msrs().map_err(|e| VmError::Fam("MSR", e))?;
         let mut vcpus = Vec::with_capacity(vcpu_count);

@@ -54,11 +54,13 @@ pub fn cmdline_limit(hdr: &setup_header) -> usize {
 }
 
 /// First address after everything the kernel may use while decompressing itself: it moves to
-/// at least `pref_address` and needs `init_size` bytes there.
-pub fn kernel_footprint_end(hdr: &setup_header, load_addr: u64, loaded_end: u64) -> u64 {
+/// at least `pref_address` and needs `init_size` bytes there. `None` if the header's values
+/// overflow.
+pub fn kernel_footprint_end(hdr: &setup_header, load_addr: u64, loaded_end: u64) -> Option<u64> {
     let pref = hdr.pref_address;
     let init_size = u64::from(hdr.init_size);
-    (load_addr.max(pref) + init_size).max(loaded_end)
+    let end = load_addr.max(pref).checked_add(init_size)?;
+    Some(end.max(loaded_end))
 }
 
 /// Fills the zero page from the kernel's setup header.
@@ -244,6 +246,15 @@ mod tests {
             init_size: 0x200_0000,
             ..Default::default()
         };
-        assert_eq!(kernel_footprint_end(&hdr, 0x10_0000, 0x90_0000), 0x300_0000);
+        assert_eq!(
+            kernel_footprint_end(&hdr, 0x10_0000, 0x90_0000),
+            Some(0x300_0000)
+        );
+        let bogus = setup_header {
+            pref_address: u64::MAX - 0x1000,
+            init_size: 0x200_0000,
+            ..Default::default()
+        };
+        assert_eq!(kernel_footprint_end(&bogus, 0x10_0000, 0x90_0000), None);
     }
 }

@@ -12,7 +12,7 @@ pub const MIN_RAM: u64 = 2 << 20;
 pub const DEFAULT_RAM: u64 = 512 << 20;
 
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum MemoryError {
+pub enum MemoryOptionError {
     #[error(transparent)]
     Syntax(#[from] KvError),
     #[error(transparent)]
@@ -44,7 +44,7 @@ impl MemoryConfig {
     ///
     /// Guest RAM is mapped with MAP_NORESERVE, so nothing stops a user from asking for more
     /// than the host has except this check; a guest that touches it would be OOM-killed later.
-    pub fn parse(s: &str, host_total: u64) -> Result<Self, MemoryError> {
+    pub fn parse(s: &str, host_total: u64) -> Result<Self, MemoryOptionError> {
         let mut cfg = MemoryConfig::default();
         for (key, value) in kv::parse(s, &["size"], "size=SIZE")? {
             if key == "size" {
@@ -52,13 +52,13 @@ impl MemoryConfig {
             }
         }
         match cfg.size {
-            0 => Err(MemoryError::Zero),
-            n if n > host_total => Err(MemoryError::ExceedsHost {
+            0 => Err(MemoryOptionError::Zero),
+            n if n > host_total => Err(MemoryOptionError::ExceedsHost {
                 size: n,
                 host: host_total,
             }),
-            n if n < MIN_RAM => Err(MemoryError::TooSmall(n)),
-            n if n % RAM_ALIGN != 0 => Err(MemoryError::Unaligned(n)),
+            n if n < MIN_RAM => Err(MemoryOptionError::TooSmall(n)),
+            n if n % RAM_ALIGN != 0 => Err(MemoryOptionError::Unaligned(n)),
             _ => Ok(cfg),
         }
     }
@@ -84,29 +84,32 @@ mod tests {
 
     #[test]
     fn rejects() {
-        assert_eq!(MemoryConfig::parse("size=0", HOST), Err(MemoryError::Zero));
+        assert_eq!(
+            MemoryConfig::parse("size=0", HOST),
+            Err(MemoryOptionError::Zero)
+        );
         assert_eq!(
             MemoryConfig::parse("size=100T", HOST),
-            Err(MemoryError::ExceedsHost {
+            Err(MemoryOptionError::ExceedsHost {
                 size: 100 << 40,
                 host: HOST
             })
         );
         assert_eq!(
             MemoryConfig::parse("size=1M", HOST),
-            Err(MemoryError::TooSmall(1 << 20))
+            Err(MemoryOptionError::TooSmall(1 << 20))
         );
         assert_eq!(
             MemoryConfig::parse("size=4194305", HOST),
-            Err(MemoryError::Unaligned(4194305))
+            Err(MemoryOptionError::Unaligned(4194305))
         );
         assert!(matches!(
             MemoryConfig::parse("size=lots", HOST),
-            Err(MemoryError::Size(_))
+            Err(MemoryOptionError::Size(_))
         ));
         assert!(matches!(
             MemoryConfig::parse("512M", HOST),
-            Err(MemoryError::Syntax(_))
+            Err(MemoryOptionError::Syntax(_))
         ));
     }
 

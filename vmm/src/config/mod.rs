@@ -17,10 +17,10 @@ use clap::Parser;
 use thiserror::Error;
 
 pub use cpus::{CpusConfig, CpusError};
-pub use memory::{MemoryConfig, MemoryError};
+pub use memory::{MemoryConfig, MemoryOptionError};
 pub use serial::{SerialConfig, SerialError};
 
-use crate::boot::KernelError;
+use crate::boot::{InitramfsError, KernelError};
 
 /// Default guest command line: the console on the first UART, which is all a guest needs to
 /// talk to us. Anything else is the user's choice.
@@ -82,7 +82,7 @@ pub enum ConfigError {
     Memory {
         value: String,
         #[source]
-        source: MemoryError,
+        source: MemoryOptionError,
     },
     #[error("--serial {value}")]
     Serial {
@@ -112,18 +112,6 @@ pub enum ConfigError {
     CmdlineTooLong { len: usize, max: usize },
     #[error("--cmdline: contains a NUL byte")]
     CmdlineNul,
-}
-
-#[derive(Debug, Error)]
-pub enum InitramfsError {
-    #[error("cannot open")]
-    Open(#[source] io::Error),
-    #[error("not a regular file")]
-    NotAFile,
-    #[error("cannot read")]
-    Read(#[source] io::Error),
-    #[error("{size} bytes does not fit in guest RAM below {limit:#x} above the kernel")]
-    TooLarge { size: u64, limit: u64 },
 }
 
 /// Everything needed to build the VM, validated.
