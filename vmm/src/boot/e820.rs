@@ -1,7 +1,9 @@
 //! The guest's memory map, shared by both boot protocols (bzImage's e820 table and PVH's
 //! memmap use the same entry types).
 
-use crate::layout::{RamLayout, EBDA_START, HIMEM_START, MMIO_HOLE_END};
+use crate::layout::{
+    RamLayout, EBDA_START, HIMEM_START, KVM_IDENTITY_MAP_START, KVM_TSS_START, MMIO_HOLE_END,
+};
 
 pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;
@@ -13,14 +15,22 @@ pub struct E820Entry {
     pub kind: u32,
 }
 
+/// KVM's private pages, which the VM is told about with KVM_SET_IDENTITY_MAP_ADDR (one page)
+/// and KVM_SET_TSS_ADDR (three pages, right after it). On Intel hosts KVM uses them to run the
+/// guest's real-mode code; the guest must not put anything there.
+pub const KVM_PRIVATE_START: u64 = KVM_IDENTITY_MAP_START;
+pub const KVM_PRIVATE_SIZE: u64 = KVM_TSS_START + 3 * 0x1000 - KVM_IDENTITY_MAP_START;
+const _: () = assert!(KVM_PRIVATE_SIZE == 16 << 10);
+
 /// RAM below the legacy area, the legacy VGA/BIOS area (where the ACPI tables are) as
-/// reserved, RAM from 1 MiB to the MMIO hole, and RAM above 4 GiB.
+/// reserved, RAM from 1 MiB to the MMIO hole, KVM's private pages as reserved, and RAM above
+/// 4 GiB.
 ///
-/// The 32-bit MMIO hole itself is left out rather than reserved: it is where PCI BARs will be
-/// placed, and the ECAM window gets its own reserved entry once PCI exists.
+/// The rest of the 32-bit MMIO hole is left out rather than reserved: it is where PCI BARs
+/// will be placed, and the ECAM window gets its own reserved entry once PCI exists.
 pub fn e820_map(layout: &RamLayout) -> Vec<E820Entry> {
     let low_end = layout.low_end();
-    let mut map = Vec::with_capacity(4);
+    let mut map = Vec::with_capacity(5);
     map.push(E820Entry {
         addr: 0,
         size: low_end.min(EBDA_START),
@@ -40,6 +50,11 @@ pub fn e820_map(layout: &RamLayout) -> Vec<E820Entry> {
             kind: E820_RAM,
         });
     }
+    map.push(E820Entry {
+        addr: KVM_PRIVATE_START,
+        size: KVM_PRIVATE_SIZE,
+        kind: E820_RESERVED,
+    });
     if layout.high_size > 0 {
         map.push(E820Entry {
             addr: MMIO_HOLE_END,
@@ -82,6 +97,11 @@ mod tests {
                     size: (512 << 20) - 0x100000,
                     kind: E820_RAM
                 },
+                E820Entry {
+                    addr: 0xfffb_c000,
+                    size: 0x4000,
+                    kind: E820_RESERVED
+                },
             ]
         );
         // The reserved legacy area is RAM we do not report, so the guest sees 384 KiB less.
@@ -91,20 +111,42 @@ mod tests {
     #[test]
     fn large_guest_resumes_above_4g() {
         let map = e820_map(&RamLayout::new(16 << 30));
-        assert_eq!(map.len(), 4);
+        assert_eq!(map.len(), 5);
         assert_eq!(map[2].addr + map[2].size, 3 << 30);
+        assert_eq!(map[3].kind, E820_RESERVED);
         assert_eq!(
-            map[3],
+            map[4],
             E820Entry {
                 addr: 4 << 30,
                 size: 13 << 30,
                 kind: E820_RAM
             }
         );
-        // Nothing is mapped in the MMIO hole.
+        // No RAM in the MMIO hole.
         assert!(map
             .iter()
+            .filter(|e| e.kind == E820_RAM)
             .all(|e| e.addr + e.size <= 3 << 30 || e.addr >= 4 << 30));
+    }
+
+    #[test]
+    fn kvm_private_pages_are_reserved() {
+        for size in [2u64 << 20, 512 << 20, 16 << 30] {
+            let map = e820_map(&RamLayout::new(size));
+            let reserved = |addr: u64| {
+                map.iter()
+                    .any(|e| e.kind == E820_RESERVED && e.addr <= addr && addr < e.addr + e.size)
+            };
+            // The identity-map page and all three TSS pages.
+            for page in [
+                KVM_IDENTITY_MAP_START,
+                KVM_TSS_START,
+                KVM_TSS_START + 0x2000,
+            ] {
+                assert!(reserved(page), "{page:#x} in {map:?}");
+            }
+            assert!(!reserved(KVM_TSS_START + 0x3000));
+        }
     }
 
     #[test]
