@@ -14,8 +14,9 @@
 //!   exception: ext4 cannot do them without blocking, io_uring would hand each one to a kernel
 //!   worker thread, and writing into the page cache on the queue's thread measured several
 //!   times faster. A batch of one buffered read tries `preadv2(RWF_NOWAIT)` first, which is
-//!   cheaper than a ring round trip when the data is cached. `--direct` opens the image with O_DIRECT; requests whose buffers or offsets
-//!   don't meet the file system's O_DIRECT alignment use a second, buffered descriptor.
+//!   cheaper than a ring round trip when the data is cached. `--direct` opens the image with
+//!   O_DIRECT; requests whose buffers or offsets don't meet the file system's O_DIRECT
+//!   alignment use a second, buffered descriptor.
 //! - **Notifications.** With VIRTIO_RING_F_EVENT_IDX, the worker re-arms `avail_event` only
 //!   after it has drained the ring (and looks once more after re-arming), and signals the guest
 //!   once per batch of completions, when `used_event` says the guest is waiting for one of
