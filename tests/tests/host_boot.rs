@@ -312,6 +312,84 @@ fn string_and_odd_sized_port_io() {
     assert_eq!(run.stderr, "");
 }
 
+/// `cloister &` from an interactive shell: stdin is the shell's terminal, but another process
+/// group owns it. Raw mode or reading stdin would stop cloister with SIGTTOU or SIGTTIN, so
+/// the console must be output only, and the guest runs to its end.
+#[test]
+fn serial_tty_in_the_background_is_output_only() {
+    use std::os::unix::process::CommandExt;
+
+    if !kvm_available("serial_tty_in_the_background_is_output_only") {
+        return;
+    }
+    let kernel = payload_path(Payload::PowerOff);
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty fills in two descriptors we then own; no name, termios or size.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    let (master, slave) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::os::fd::OwnedFd::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    };
+    // A shell with job control, on the pty as its controlling terminal, starts cloister as a
+    // background job (its own process group, not the terminal's foreground one).
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "set -m; \"$0\" \"$@\" <&0 & wait $!"])
+        .arg(payload::cloister_bin())
+        .args(["--kernel", kernel.to_str().expect("utf-8 path")])
+        .stdin(slave)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setsid and ioctl are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn sh");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if start.elapsed() > TIMEOUT {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    if status.is_none() {
+        // Stopped by SIGTTOU/SIGTTIN: kill the whole session's jobs through the shell.
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("collect output");
+    drop(master);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        status.is_some(),
+        "cloister hung (stopped?); stderr:\n{stderr}"
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}\n", payload::MARKER_OK)
+    );
+}
+
 /// Not a test: writes every payload to `$CLOISTER_PAYLOAD_DIR` for manual runs and the lab.
 /// `CLOISTER_PAYLOAD_DIR=/tmp/p cargo test -p cloister-tests --test host_boot -- --ignored`
 #[test]

@@ -2,7 +2,40 @@
 
 use std::io;
 
-/// Puts stdin in raw mode if it is a terminal, and restores the saved settings when dropped
+/// What stdin is, as far as the guest console is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stdin {
+    /// A terminal whose foreground process group is ours: raw mode, and the guest reads it.
+    ForegroundTty,
+    /// A terminal that belongs to another process group (we were started with `&`, or
+    /// `bg`): changing its settings would stop us with SIGTTOU and reading it with SIGTTIN,
+    /// so the console is output only.
+    BackgroundTty,
+    /// A pipe, a file or /dev/null: the guest reads it as it is, without job control.
+    NotATty,
+}
+
+impl Stdin {
+    pub fn probe() -> Self {
+        // SAFETY: isatty, tcgetpgrp and getpgrp only inspect the descriptor and the process.
+        unsafe {
+            if libc::isatty(libc::STDIN_FILENO) != 1 {
+                Stdin::NotATty
+            } else if libc::tcgetpgrp(libc::STDIN_FILENO) == libc::getpgrp() {
+                Stdin::ForegroundTty
+            } else {
+                Stdin::BackgroundTty
+            }
+        }
+    }
+
+    /// Whether the guest console may read stdin.
+    pub fn readable(self) -> bool {
+        self != Stdin::BackgroundTty
+    }
+}
+
+/// Puts stdin in raw mode if it is a terminal we are in the foreground of, and restores the saved settings when dropped
 /// (every return path, and unwinding).
 pub struct RawTerminal {
     saved: Option<libc::termios>,
@@ -10,8 +43,7 @@ pub struct RawTerminal {
 
 impl RawTerminal {
     pub fn enable() -> io::Result<Self> {
-        // SAFETY: isatty only inspects the descriptor.
-        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+        if Stdin::probe() != Stdin::ForegroundTty {
             return Ok(RawTerminal { saved: None });
         }
         // SAFETY: tcgetattr fills the zeroed struct; we check the result.

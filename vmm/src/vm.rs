@@ -220,6 +220,8 @@ impl Vm {
             .map_err(|e| VmError::Io("set up signal handling", e))?;
         crate::cpu::vcpu::install_kick_handler()
             .map_err(|e| VmError::Signal("install the vCPU kick handler", e))?;
+        // In the background, stdin's terminal belongs to the foreground job: output only.
+        self.console_input &= crate::terminal::Stdin::probe().readable();
         let _terminal = if self.console_input {
             Some(
                 RawTerminal::enable()

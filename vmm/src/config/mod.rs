@@ -57,7 +57,8 @@ pub struct Cli {
     pub memory: String,
 
     /// Guest serial console (ttyS0): "tty" connects it to this process's stdout and stdin (the
-    /// terminal is put in raw mode while the guest runs, so Ctrl-C goes to the guest), "off"
+    /// terminal is put in raw mode while the guest runs, so Ctrl-C goes to the guest; run in
+    /// the background of its terminal, cloister leaves stdin alone), "off"
     /// discards its output, "file=PATH" writes its output to PATH.
     #[arg(long, value_name = "tty|off|file=PATH", default_value = "tty")]
     pub serial: String,
