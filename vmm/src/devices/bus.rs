@@ -66,6 +66,12 @@ impl Bus {
             .ok_or(BusError::NotFound(base))
     }
 
+    /// Finds the device at `addr` and returns a reference of its own, so the lock is released
+    /// before the device runs. Calling the device under the read guard would save the Arc
+    /// clone, but handlers re-enter the bus: a guest write to a BAR in config space (through
+    /// ECAM, itself on the MMIO bus) makes the device move its BAR with `remove` and `insert`
+    /// on the same bus, which would deadlock against our own read guard. A slow handler under
+    /// the guard would also hold up every writer and, once one waits, every other vCPU.
     fn resolve(&self, addr: u64) -> Option<(Arc<dyn BusDevice>, u64)> {
         let map = self.devices.read().unwrap_or_else(|e| e.into_inner());
         let (base, entry) = map.range(..=addr).next_back()?;
@@ -124,6 +130,39 @@ mod tests {
         assert!(!bus.read(0x3f7, &mut b));
         assert!(!bus.write(0x400, &[0]));
         assert_eq!(dev.0.lock().unwrap().as_slice(), &[(0, vec![b'x'])]);
+    }
+
+    /// A device whose write handler moves itself on the bus it is on, like a BAR write.
+    struct Mover {
+        bus: Arc<Bus>,
+        me: Mutex<std::sync::Weak<Mover>>,
+    }
+
+    impl BusDevice for Mover {
+        fn read(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write(&self, _offset: u64, data: &[u8]) {
+            // Moves from 0x1000 to data[0] << 8.
+            let me = self.me.lock().unwrap().upgrade().unwrap();
+            self.bus.remove(0x1000).unwrap();
+            self.bus.insert(me, u64::from(data[0]) << 8, 0x100).unwrap();
+        }
+    }
+
+    #[test]
+    fn handlers_can_reenter_the_bus() {
+        let bus = Arc::new(Bus::new());
+        let dev = Arc::new(Mover {
+            bus: bus.clone(),
+            me: Mutex::new(std::sync::Weak::new()),
+        });
+        *dev.me.lock().unwrap() = Arc::downgrade(&dev);
+        bus.insert(dev, 0x1000, 0x100).unwrap();
+        // Returns instead of deadlocking; the device is now at 0x2000.
+        assert!(bus.write(0x1004, &[0x20]));
+        assert!(!bus.read(0x1000, &mut [0]));
+        assert!(bus.read(0x2000, &mut [0]));
     }
 
     #[test]
