@@ -714,6 +714,19 @@ mod tests {
     }
 
     #[test]
+    fn boot_memory_errors_are_said_once() {
+        let e = crate::VmError::Boot(BootError::Memory(GuestMemoryError::InvalidGuestAddress(
+            GuestAddress(0x7000),
+        )));
+        let chain = crate::error_chain(&e);
+        assert!(
+            chain.starts_with("cannot write boot structures to guest memory: "),
+            "{chain}"
+        );
+        assert_eq!(chain.matches("boot structures").count(), 1, "{chain}");
+    }
+
+    #[test]
     fn initramfs_too_large_says_what_to_do() {
         let e = InitramfsError::TooLarge {
             size: 1 << 30,
