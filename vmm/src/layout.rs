@@ -13,8 +13,13 @@
 //!   0xe0000      ACPI: RSDP, then the other tables
 //! 0x0010_0000  RAM: the kernel is loaded at 1 MiB or above; the initramfs at the top of low RAM
 //! min(size,3G) end of low RAM
-//! 0xc000_0000  32-bit MMIO hole: PCI MMIO window, ECAM, platform devices, IOAPIC, LAPIC
+//! 0xc000_0000  32-bit MMIO hole:
+//!   0xc000_0000  32-bit PCI MMIO window (BARs), 512 MiB
+//!   0xe000_0000  PCIe ECAM (bus 0 uses its first 1 MiB)
+//!   0xf000_0000  virtio-mmio devices, one 4 KiB slot each (512-byte register window)
+//!   0xfec0_0000  IOAPIC        0xfee0_0000  LAPIC
 //! 0x1_0000_0000 the rest of RAM, if any
+//! after RAM    64-bit PCI MMIO window (BARs), 1 GiB aligned
 //! ```
 
 use vm_memory::GuestAddress;
@@ -45,13 +50,27 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// The 32-bit MMIO hole: guest RAM stops here and resumes at 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 1 << 32;
-/// 32-bit PCI MMIO window, for BARs (used once PCI arrives).
+/// 32-bit PCI MMIO window, for BARs.
 pub const PCI_MMIO_START: u64 = MMIO_HOLE_START;
 pub const PCI_MMIO_SIZE: u64 = 0x2000_0000;
-/// PCIe ECAM: 256 buses x 32 devices x 8 functions x 4 KiB (used once PCI arrives; it must
-/// then be marked reserved in e820 and described by an MCFG table).
+/// PCIe ECAM: room for 256 buses x 32 devices x 8 functions x 4 KiB. We have one bus, so only
+/// its first [`PCI_ECAM_BUS_SIZE`] bytes are decoded, reserved in e820 and announced in MCFG.
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
 pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
+/// One bus's worth of ECAM: 32 devices x 8 functions x 4 KiB.
+pub const PCI_ECAM_BUS_SIZE: u64 = 0x10_0000;
+/// virtio-mmio devices: slot `n` is at `VIRTIO_MMIO_START + n * VIRTIO_MMIO_STRIDE`, decodes
+/// [`VIRTIO_MMIO_SIZE`] bytes and raises IOAPIC pin `VIRTIO_MMIO_GSI_BASE + n`.
+pub const VIRTIO_MMIO_START: u64 = 0xf000_0000;
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x200;
+/// GSIs 16-23 are the IOAPIC pins no ISA device uses.
+pub const VIRTIO_MMIO_GSI_BASE: u32 = 16;
+pub const VIRTIO_MMIO_SLOTS: u32 = 8;
+/// The 64-bit PCI window starts at the first 1 GiB boundary after RAM and is this large: far
+/// more than any BAR set we create, far below any CPU's physical address width.
+pub const PCI_MMIO64_ALIGN: u64 = 1 << 30;
+pub const PCI_MMIO64_SIZE: u64 = 16 << 30;
 /// KVM's TSS and identity-map pages (needed on Intel hosts); inside the hole, not in RAM.
 pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
 pub const KVM_TSS_START: u64 = 0xfffb_d000;
@@ -107,6 +126,13 @@ impl RamLayout {
     pub fn total(&self) -> u64 {
         self.low_size + self.high_size
     }
+
+    /// The 64-bit PCI MMIO window `(start, size)`: above everything RAM uses, and at least
+    /// at 4 GiB so it never overlaps the 32-bit hole.
+    pub fn pci_mmio64_window(&self) -> (u64, u64) {
+        let ram_end = MMIO_HOLE_END + self.high_size;
+        (ram_end.next_multiple_of(PCI_MMIO64_ALIGN), PCI_MMIO64_SIZE)
+    }
 }
 
 // The fixed areas must not overlap; checked at compile time.
@@ -118,7 +144,11 @@ const _: () = {
     assert!(PD_START + 4 * 0x1000 <= CMDLINE_START);
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE <= EBDA_START);
     assert!(PCI_MMIO_START + PCI_MMIO_SIZE <= PCI_ECAM_START);
-    assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+    assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= VIRTIO_MMIO_START);
+    assert!(PCI_ECAM_BUS_SIZE <= PCI_ECAM_SIZE);
+    assert!(VIRTIO_MMIO_SIZE <= VIRTIO_MMIO_STRIDE);
+    assert!(VIRTIO_MMIO_START + VIRTIO_MMIO_SLOTS as u64 * VIRTIO_MMIO_STRIDE <= IOAPIC_START);
+    assert!(VIRTIO_MMIO_GSI_BASE + VIRTIO_MMIO_SLOTS <= crate::irqchip::IOAPIC_PINS);
     assert!(IOAPIC_START + 0x1000 <= APIC_START);
     assert!(APIC_START + 0x1000 <= KVM_IDENTITY_MAP_START);
     assert!(KVM_IDENTITY_MAP_START + 0x1000 == KVM_TSS_START);
@@ -161,5 +191,13 @@ mod tests {
         assert_eq!(r[1].size, 13 << 30);
         assert_eq!(r[1].file_offset, 3 << 30);
         assert_eq!(l.total(), 16 << 30);
+    }
+
+    #[test]
+    fn pci_window_above_ram() {
+        assert_eq!(RamLayout::new(512 << 20).pci_mmio64_window().0, 4 << 30);
+        assert_eq!(RamLayout::new(5 << 30).pci_mmio64_window().0, 6 << 30);
+        let (start, _) = RamLayout::new((16 << 30) + 4096).pci_mmio64_window();
+        assert_eq!(start, 18 << 30);
     }
 }

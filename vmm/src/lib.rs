@@ -9,8 +9,11 @@ pub mod exit;
 pub mod irqchip;
 pub mod layout;
 pub mod memory;
+pub mod pci;
 pub mod terminal;
+pub mod virtio;
 pub mod vm;
+pub mod vm_ops;
 
 use thiserror::Error;
 
