@@ -5,6 +5,7 @@
 //! [`ConfigError`]s naming the option.
 
 pub mod cpus;
+pub mod disk;
 pub mod kv;
 pub mod memory;
 pub mod serial;
@@ -17,6 +18,7 @@ use clap::Parser;
 use thiserror::Error;
 
 pub use cpus::{CpusConfig, CpusError};
+pub use disk::{DiskConfig, DiskError, DiskSource, TransportKind};
 pub use memory::{MemoryConfig, MemoryOptionError};
 pub use serial::{SerialConfig, SerialError};
 
@@ -62,6 +64,15 @@ pub struct Cli {
     /// discards its output, "file=PATH" writes its output to PATH.
     #[arg(long, value_name = "tty|off|file=PATH", default_value = "tty")]
     pub serial: String,
+
+    /// A virtio-blk disk served by a vhost-user-blk process; repeat for more disks (the guest
+    /// sees them in order: vda, vdb, ...). "path=FILE" makes cloister start vhost-user-blk for
+    /// the raw image FILE (with readonly=on|off, direct=on|off for O_DIRECT, serial=S) and stop
+    /// it with the VM; "socket=PATH" connects to a backend someone else started. Both take
+    /// num_queues=N (1-64), queue_size=N (power of two, 2-1024, default 256) and
+    /// transport=pci|mmio (default pci).
+    #[arg(long, value_name = "path=FILE|socket=PATH[,...]")]
+    pub disk: Vec<String>,
 }
 
 /// A user error: names the option and the value, and says what is wrong.
@@ -113,6 +124,18 @@ pub enum ConfigError {
     CmdlineTooLong { len: usize, max: usize },
     #[error("--cmdline: contains a NUL byte")]
     CmdlineNul,
+    #[error("--disk {value}")]
+    Disk {
+        value: String,
+        #[source]
+        source: DiskError,
+    },
+    #[error("--disk {value}: more than {max} disks with transport={transport}")]
+    TooManyDisks {
+        value: String,
+        max: usize,
+        transport: &'static str,
+    },
 }
 
 /// Everything needed to build the VM, validated.
@@ -124,7 +147,13 @@ pub struct VmConfig {
     pub cpus: CpusConfig,
     pub memory: MemoryConfig,
     pub serial: SerialConfig,
+    pub disks: Vec<DiskConfig>,
 }
+
+/// PCI bus 0 has 31 free slots (the host bridge is 00.0).
+pub const MAX_PCI_DISKS: usize = 31;
+/// One IOAPIC pin each: [`crate::layout::VIRTIO_MMIO_SLOTS`].
+pub const MAX_MMIO_DISKS: usize = crate::layout::VIRTIO_MMIO_SLOTS as usize;
 
 impl VmConfig {
     /// Validates the command line. `host_ram` is the host's total RAM in bytes.
@@ -145,6 +174,7 @@ impl VmConfig {
         if cli.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
         }
+        let disks = parse_disks(&cli.disk)?;
         Ok(VmConfig {
             kernel: cli.kernel.clone(),
             initramfs: cli.initramfs.clone(),
@@ -152,8 +182,45 @@ impl VmConfig {
             cpus,
             memory,
             serial,
+            disks,
         })
     }
+
+    /// Checks what the user named on the host (disk images), before anything is started.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        for disk in &self.disks {
+            disk.check_image().map_err(|source| ConfigError::Disk {
+                value: disk.spec.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn parse_disks(values: &[String]) -> Result<Vec<DiskConfig>, ConfigError> {
+    let mut disks = Vec::with_capacity(values.len());
+    let (mut pci, mut mmio) = (0, 0);
+    for value in values {
+        let disk = DiskConfig::parse(value).map_err(|source| ConfigError::Disk {
+            value: value.clone(),
+            source,
+        })?;
+        let (count, max, transport) = match disk.transport {
+            TransportKind::Pci => (&mut pci, MAX_PCI_DISKS, "pci"),
+            TransportKind::Mmio => (&mut mmio, MAX_MMIO_DISKS, "mmio"),
+        };
+        *count += 1;
+        if *count > max {
+            return Err(ConfigError::TooManyDisks {
+                value: value.clone(),
+                max,
+                transport,
+            });
+        }
+        disks.push(disk);
+    }
+    Ok(disks)
 }
 
 /// The host's total RAM in bytes, from sysinfo(2).
@@ -207,6 +274,45 @@ mod tests {
         assert_eq!(chain(&e), "--memory size=0: size must be greater than 0");
         let e = VmConfig::from_cli(&cli(&["--serial", "bogus"]), 1 << 30).unwrap_err();
         assert!(chain(&e).starts_with("--serial bogus: 'bogus' is not a serial mode"));
+        let e = VmConfig::from_cli(&cli(&["--disk", "path=/a,num_queues=0"]), 1 << 30).unwrap_err();
+        assert_eq!(
+            chain(&e),
+            "--disk path=/a,num_queues=0: num_queues: 0 is out of range (1 to 64)"
+        );
+    }
+
+    #[test]
+    fn disks_in_order_and_per_transport_limits() {
+        let cfg = VmConfig::from_cli(
+            &cli(&["--disk", "path=/a", "--disk", "socket=/s,transport=mmio"]),
+            1 << 30,
+        )
+        .unwrap();
+        assert_eq!(cfg.disks.len(), 2);
+        assert_eq!(
+            cfg.disks[0].source,
+            DiskSource::Managed {
+                path: "/a".into(),
+                readonly: false,
+                direct: false,
+                serial: None
+            }
+        );
+        assert_eq!(cfg.disks[1].transport, TransportKind::Mmio);
+        let mut args = Vec::new();
+        for _ in 0..9 {
+            args.extend(["--disk", "socket=/s,transport=mmio"]);
+        }
+        let e = VmConfig::from_cli(&cli(&args), 1 << 30).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--disk socket=/s,transport=mmio: more than 8 disks with transport=mmio"
+        );
+        let e = VmConfig::from_cli(&cli(&["--disk", "path=/nonexistent/x"]), 1 << 30)
+            .unwrap()
+            .check_files()
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::Disk { .. }));
     }
 
     #[test]
