@@ -12,6 +12,7 @@ pub mod memory;
 pub mod pci;
 pub mod terminal;
 pub mod virtio;
+pub mod vhost_user;
 pub mod vm;
 pub mod vm_ops;
 

@@ -1,0 +1,549 @@
+//! One vhost-user connection: connect (waiting for the socket to appear), negotiate, and the
+//! typed requests the device makes. Everything the backend says is untrusted: a reply of the
+//! wrong shape, an absurd value or no reply at all is an error on this connection, never a
+//! panic or a hang (see [`super::watchdog`]).
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::GuestMemoryBackend;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::watchdog::Watchdog;
+use crate::memory::GuestMemoryMmap;
+use crate::virtio::VIRTIO_F_VERSION_1;
+
+/// How long a backend may take to answer one request. Generous: requests are few (setup,
+/// start, reset) and the lab runs everything under emulation.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most queues we accept from GET_QUEUE_NUM: what the PCI transport's MSI-X table holds.
+pub const MAX_BACKEND_QUEUES: u64 = crate::virtio::pci_transport::MAX_QUEUES as u64;
+
+#[derive(Debug, Error)]
+pub enum ConnectionError {
+    #[error("socket {} did not accept a connection within {} s", .path.display(), .timeout.as_secs())]
+    ConnectTimeout {
+        path: PathBuf,
+        timeout: Duration,
+        #[source]
+        last: io::Error,
+    },
+    #[error("cannot connect to {}", .0.display())]
+    Connect(PathBuf, #[source] io::Error),
+    #[error("{0}")]
+    BackendGone(String),
+    #[error("cannot set up the connection")]
+    Setup(#[source] io::Error),
+    #[error("{0}: no reply within {ms} ms", ms = .1.as_millis())]
+    Timeout(&'static str, Duration),
+    #[error("{0} failed")]
+    Request(&'static str, #[source] vhost::Error),
+    #[error("the backend does not offer VIRTIO_F_VERSION_1 (non-legacy virtio)")]
+    NoVersion1,
+    #[error("the backend does not offer vhost-user protocol features")]
+    NoProtocolFeatures,
+    #[error("the backend lacks the {0} protocol feature")]
+    MissingProtocolFeature(&'static str),
+    #[error("the backend reports {0} queues (expected 1 to {MAX_BACKEND_QUEUES})")]
+    BadQueueCount(u64),
+    #[error("the backend offers {available} queues, {wanted} requested")]
+    TooFewQueues { available: u64, wanted: u16 },
+    #[error("guest memory region at {0:#x} cannot be shared (not file-backed)")]
+    Memory(u64),
+    #[error("queue {0}: {1} is outside guest memory")]
+    Ring(usize, &'static str),
+}
+
+/// Connects to `path`, waiting up to `timeout` for the socket to appear and accept. `alive` is
+/// asked between attempts, so a backend process that died is reported at once rather than
+/// after the timeout.
+pub fn connect(
+    path: &Path,
+    timeout: Duration,
+    alive: &mut dyn FnMut() -> Result<(), String>,
+) -> Result<UnixStream, ConnectionError> {
+    let start = Instant::now();
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            // Not there yet, or there but not listening yet.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                alive().map_err(ConnectionError::BackendGone)?;
+                if start.elapsed() >= timeout {
+                    return Err(ConnectionError::ConnectTimeout {
+                        path: path.to_path_buf(),
+                        timeout,
+                        last: e,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(ConnectionError::Connect(path.to_path_buf(), e)),
+        }
+    }
+}
+
+/// What the backend agreed to.
+#[derive(Clone, Copy, Debug)]
+pub struct Negotiated {
+    /// Virtio features the backend offers (VHOST_USER_F_PROTOCOL_FEATURES included).
+    pub features: u64,
+    pub protocol: VhostUserProtocolFeatures,
+    /// Queues the backend can serve.
+    pub queues: u64,
+}
+
+/// One vring as the backend needs it.
+pub struct VringSetup<'a> {
+    pub index: usize,
+    pub size: u16,
+    /// Frontend (our) virtual addresses, as vhost-user wants them.
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub kick: &'a EventFd,
+    pub call: &'a EventFd,
+}
+
+pub struct Connection {
+    frontend: Frontend,
+    // Declared after `frontend` is irrelevant for drop order: `Drop` shuts the socket first.
+    watchdog: Watchdog,
+    socket: OwnedFd,
+    timeout: Duration,
+    negotiated: Negotiated,
+}
+
+impl Connection {
+    /// SET_OWNER and feature negotiation on a connected socket: virtio features (VERSION_1
+    /// required), protocol features (CONFIG required; MQ and REPLY_ACK used if offered) and the
+    /// queue count, which must cover `queues`.
+    pub fn new(stream: UnixStream, name: &str, queues: u16) -> Result<Self, ConnectionError> {
+        Self::with_timeout(stream, name, queues, REQUEST_TIMEOUT)
+    }
+
+    /// [`Connection::new`] with another deadline per request.
+    pub fn with_timeout(
+        stream: UnixStream,
+        name: &str,
+        queues: u16,
+        timeout: Duration,
+    ) -> Result<Self, ConnectionError> {
+        let socket = OwnedFd::from(stream.try_clone().map_err(ConnectionError::Setup)?);
+        let watchdog = Watchdog::new(socket.try_clone().map_err(ConnectionError::Setup)?, name)
+            .map_err(ConnectionError::Setup)?;
+        let mut conn = Connection {
+            frontend: Frontend::from_stream(stream, 1),
+            watchdog,
+            socket,
+            timeout,
+            negotiated: Negotiated {
+                features: 0,
+                protocol: VhostUserProtocolFeatures::empty(),
+                queues: 1,
+            },
+        };
+        conn.negotiate(queues)?;
+        Ok(conn)
+    }
+
+    fn negotiate(&mut self, queues: u16) -> Result<(), ConnectionError> {
+        self.call("SET_OWNER", |f| f.set_owner())?;
+        let features = self.call("GET_FEATURES", |f| f.get_features())?;
+        if features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(ConnectionError::NoVersion1);
+        }
+        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            return Err(ConnectionError::NoProtocolFeatures);
+        }
+        let offered = self.call("GET_PROTOCOL_FEATURES", |f| f.get_protocol_features())?;
+        if !offered.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(ConnectionError::MissingProtocolFeature("CONFIG"));
+        }
+        let protocol = offered
+            & (VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::REPLY_ACK);
+        self.call("SET_PROTOCOL_FEATURES", |f| {
+            f.set_protocol_features(protocol)
+        })?;
+        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Every later request waits for its ack, so a request the backend refuses fails
+            // right there instead of closing the connection under a later one.
+            self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let available = if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            let n = self.call("GET_QUEUE_NUM", |f| f.get_queue_num())?;
+            if n == 0 || n > MAX_BACKEND_QUEUES {
+                return Err(ConnectionError::BadQueueCount(n));
+            }
+            n
+        } else {
+            1
+        };
+        if available < u64::from(queues) {
+            return Err(ConnectionError::TooFewQueues {
+                available,
+                wanted: queues,
+            });
+        }
+        self.negotiated = Negotiated {
+            features,
+            protocol,
+            queues: available,
+        };
+        Ok(())
+    }
+
+    /// Runs one request under the watchdog.
+    fn call<T>(
+        &mut self,
+        op: &'static str,
+        f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T, ConnectionError> {
+        let armed = self.watchdog.arm(self.timeout);
+        let r = f(&mut self.frontend);
+        drop(armed);
+        r.map_err(|e| {
+            if self.watchdog.fired() {
+                ConnectionError::Timeout(op, self.timeout)
+            } else {
+                ConnectionError::Request(op, e)
+            }
+        })
+    }
+
+    pub fn negotiated(&self) -> Negotiated {
+        self.negotiated
+    }
+
+    /// The socket, for the VMM's main loop to notice a hang-up.
+    pub fn socket(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    /// A descriptor of the socket that stays valid after this connection is dropped.
+    pub fn socket_dup(&self) -> io::Result<OwnedFd> {
+        self.socket.as_fd().try_clone_to_owned()
+    }
+
+    /// GET_CONFIG of exactly `len` bytes from offset 0 (the crate checks the reply's size and
+    /// offset against the request).
+    pub fn get_config(&mut self, len: u32) -> Result<Vec<u8>, ConnectionError> {
+        let buf = vec![0u8; len as usize];
+        let (_, payload) = self.call("GET_CONFIG", |f| {
+            f.get_config(0, len, VhostUserConfigFlags::empty(), &buf)
+        })?;
+        Ok(payload)
+    }
+
+    /// SET_FEATURES: the driver's features, plus PROTOCOL_FEATURES, which stays negotiated
+    /// (it also makes rings start disabled until SET_VRING_ENABLE).
+    pub fn set_features(&mut self, driver_features: u64) -> Result<(), ConnectionError> {
+        let features = driver_features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        self.call("SET_FEATURES", |f| f.set_features(features))
+    }
+
+    /// SET_MEM_TABLE with every RAM region (memfd and offset).
+    pub fn set_mem_table(&mut self, memory: &GuestMemoryMmap) -> Result<(), ConnectionError> {
+        let regions = memory
+            .iter()
+            .map(|r| {
+                VhostUserMemoryRegionInfo::from_guest_region(r).map_err(|_| {
+                    ConnectionError::Memory(vm_memory::GuestMemoryRegion::start_addr(r).0)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.call("SET_MEM_TABLE", |f| f.set_mem_table(&regions).map(|_| ()))
+    }
+
+    /// SET_VRING_NUM/ADDR/BASE/CALL/KICK, then SET_VRING_ENABLE: the backend starts serving.
+    pub fn start_vring(&mut self, v: &VringSetup) -> Result<(), ConnectionError> {
+        let config = VringConfigData {
+            queue_max_size: v.size,
+            queue_size: v.size,
+            flags: 0,
+            desc_table_addr: v.desc,
+            used_ring_addr: v.used,
+            avail_ring_addr: v.avail,
+            log_addr: None,
+        };
+        let i = v.index;
+        self.call("SET_VRING_NUM", |f| f.set_vring_num(i, v.size))?;
+        self.call("SET_VRING_ADDR", |f| f.set_vring_addr(i, &config))?;
+        // Rings start from index 0 after every (re)activation: the driver has reset them.
+        self.call("SET_VRING_BASE", |f| f.set_vring_base(i, 0))?;
+        self.call("SET_VRING_CALL", |f| f.set_vring_call(i, v.call))?;
+        self.call("SET_VRING_KICK", |f| f.set_vring_kick(i, v.kick))?;
+        self.call("SET_VRING_ENABLE", |f| f.set_vring_enable(i, true))
+    }
+
+    /// GET_VRING_BASE: the backend stops the ring and says where it stopped.
+    pub fn stop_vring(&mut self, index: usize) -> Result<u32, ConnectionError> {
+        self.call("GET_VRING_BASE", |f| f.get_vring_base(index))
+    }
+}
+
+impl Drop for Connection {
+    /// Shut the socket down rather than just closing our descriptors: the main loop holds a
+    /// duplicate (to watch for hang-ups) that would otherwise keep it open.
+    fn drop(&mut self) {
+        // SAFETY: shutdown on a socket we own.
+        unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+
+    enum Reply {
+        Send(Vec<u8>),
+        SendAndHangUp(Vec<u8>),
+        /// Say nothing and keep the connection open.
+        Silence,
+    }
+
+    type Script = fn(u32) -> Reply;
+
+    /// A scripted backend: for each request it reads, `script` says what to do.
+    fn hostile(script: Script) -> UnixStream {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || loop {
+            let mut hdr = [0u8; 12];
+            if theirs.read_exact(&mut hdr).is_err() {
+                return;
+            }
+            let code = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+            let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
+            let mut body = vec![0u8; size];
+            if theirs.read_exact(&mut body).is_err() {
+                return;
+            }
+            match script(code) {
+                Reply::Send(bytes) => {
+                    if theirs.write_all(&bytes).is_err() {
+                        return;
+                    }
+                }
+                Reply::SendAndHangUp(bytes) => {
+                    let _ = theirs.write_all(&bytes);
+                    return;
+                }
+                Reply::Silence => std::thread::sleep(Duration::from_secs(3600)),
+            }
+        });
+        ours
+    }
+
+    const GET_FEATURES: u32 = 1;
+    const SET_OWNER: u32 = 3;
+    const GET_PROTOCOL_FEATURES: u32 = 15;
+    const SET_PROTOCOL_FEATURES: u32 = 16;
+    const GET_QUEUE_NUM: u32 = 17;
+    const REPLY: u32 = 0x4 | 0x1;
+
+    fn reply_u64(code: u32, v: u64) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&code.to_le_bytes());
+        m.extend_from_slice(&REPLY.to_le_bytes());
+        m.extend_from_slice(&8u32.to_le_bytes());
+        m.extend_from_slice(&v.to_le_bytes());
+        m
+    }
+
+    const GOOD_FEATURES: u64 = (1 << 32) | (1 << 30);
+    const GOOD_PROTOCOL: u64 = 0b1 | (1 << 3) | (1 << 9); // MQ, REPLY_ACK, CONFIG
+
+    fn with_queue_num(n: u64) -> Script {
+        match n {
+            0 => |c| base_reply(c, 0),
+            65535 => |c| base_reply(c, 65535),
+            _ => |c| base_reply(c, 4),
+        }
+    }
+
+    fn base_reply(code: u32, queues: u64) -> Reply {
+        Reply::Send(match code {
+            GET_FEATURES => reply_u64(code, GOOD_FEATURES),
+            GET_PROTOCOL_FEATURES => reply_u64(code, GOOD_PROTOCOL),
+            GET_QUEUE_NUM => reply_u64(code, queues),
+            // Acks (REPLY_ACK is only on after SET_PROTOCOL_FEATURES): success.
+            SET_PROTOCOL_FEATURES | SET_OWNER => Vec::new(),
+            _ => reply_u64(code, 0),
+        })
+    }
+
+    fn err(script: Script, queues: u16) -> ConnectionError {
+        match Connection::new(hostile(script), "test", queues) {
+            Ok(_) => panic!("accepted a bad backend"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_sane_backend_negotiates() {
+        let conn = Connection::new(hostile(with_queue_num(4)), "test", 2).unwrap();
+        let n = conn.negotiated();
+        assert_eq!(n.queues, 4);
+        assert_eq!(n.features, GOOD_FEATURES);
+        assert!(n.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+    }
+
+    #[test]
+    fn absurd_queue_counts_are_errors() {
+        assert!(matches!(
+            err(with_queue_num(0), 1),
+            ConnectionError::BadQueueCount(0)
+        ));
+        // 65535 is refused by the crate (above VHOST_USER_MAX_VRINGS) or by us.
+        let e = err(with_queue_num(65535), 1);
+        assert!(
+            matches!(
+                e,
+                ConnectionError::BadQueueCount(65535)
+                    | ConnectionError::Request("GET_QUEUE_NUM", _)
+            ),
+            "{e}"
+        );
+        assert!(matches!(
+            err(with_queue_num(4), 8),
+            ConnectionError::TooFewQueues {
+                available: 4,
+                wanted: 8
+            }
+        ));
+    }
+
+    #[test]
+    fn missing_features_are_errors() {
+        let no_v1: Script = |c| match c {
+            GET_FEATURES => Reply::Send(reply_u64(c, 1 << 30)),
+            _ => base_reply(c, 1),
+        };
+        assert!(matches!(err(no_v1, 1), ConnectionError::NoVersion1));
+        let no_config: Script = |c| match c {
+            GET_PROTOCOL_FEATURES => Reply::Send(reply_u64(c, 1)),
+            _ => base_reply(c, 1),
+        };
+        assert!(matches!(
+            err(no_config, 1),
+            ConnectionError::MissingProtocolFeature("CONFIG")
+        ));
+    }
+
+    #[test]
+    fn malformed_replies_are_errors() {
+        // A reply of the wrong size: 4 bytes of body where 8 are due, then hang up. (Without
+        // the hang-up it is a timeout: see `silence_times_out`.)
+        let short: Script = |c| match c {
+            GET_FEATURES => {
+                let mut m = reply_u64(c, GOOD_FEATURES);
+                m.truncate(16);
+                m[8..12].copy_from_slice(&4u32.to_le_bytes());
+                Reply::SendAndHangUp(m)
+            }
+            _ => base_reply(c, 1),
+        };
+        let e = err(short, 1);
+        assert!(
+            matches!(e, ConnectionError::Request("GET_FEATURES", _)),
+            "{e}"
+        );
+        // A reply to another request.
+        let wrong: Script = |c| match c {
+            GET_FEATURES => Reply::Send(reply_u64(GET_QUEUE_NUM, GOOD_FEATURES)),
+            _ => base_reply(c, 1),
+        };
+        assert!(matches!(
+            err(wrong, 1),
+            ConnectionError::Request("GET_FEATURES", _)
+        ));
+    }
+
+    #[test]
+    fn config_of_the_wrong_length_is_an_error() {
+        let cfg: Script = |c| match c {
+            24 => {
+                // A complete GET_CONFIG reply whose config header claims 8 bytes where 60
+                // were asked.
+                let mut m = Vec::new();
+                m.extend_from_slice(&24u32.to_le_bytes());
+                m.extend_from_slice(&REPLY.to_le_bytes());
+                m.extend_from_slice(&(12u32 + 60).to_le_bytes());
+                m.extend_from_slice(&0u32.to_le_bytes());
+                m.extend_from_slice(&8u32.to_le_bytes());
+                m.extend_from_slice(&0u32.to_le_bytes());
+                m.extend_from_slice(&[0xab; 60]);
+                Reply::Send(m)
+            }
+            _ => base_reply(c, 1),
+        };
+        let mut conn = Connection::new(hostile(cfg), "test", 1).unwrap();
+        let e = conn.get_config(60).unwrap_err();
+        assert!(
+            matches!(e, ConnectionError::Request("GET_CONFIG", _)),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn silence_times_out() {
+        let silent: Script = |c| match c {
+            GET_FEATURES => Reply::Silence,
+            _ => base_reply(c, 1),
+        };
+        let start = Instant::now();
+        let timeout = Duration::from_millis(200);
+        let e = match Connection::with_timeout(hostile(silent), "test", 1, timeout) {
+            Ok(_) => panic!("accepted a silent backend"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(e, ConnectionError::Timeout("GET_FEATURES", _)),
+            "{e}"
+        );
+        assert_eq!(e.to_string(), "GET_FEATURES: no reply within 200 ms");
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn connect_waits_for_the_socket_and_reports_a_dead_backend() {
+        let dir = std::env::temp_dir().join(format!("cloister-conn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("late.sock");
+        let p = path.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let l = UnixListener::bind(&p).unwrap();
+            let _ = l.accept();
+        });
+        connect(&path, Duration::from_secs(10), &mut || Ok(())).unwrap();
+        t.join().unwrap();
+        let missing = dir.join("never.sock");
+        let e = connect(&missing, Duration::from_secs(10), &mut || {
+            Err("exited".into())
+        })
+        .unwrap_err();
+        assert!(matches!(e, ConnectionError::BackendGone(_)));
+        let e = connect(&missing, Duration::from_millis(50), &mut || Ok(())).unwrap_err();
+        assert!(matches!(e, ConnectionError::ConnectTimeout { .. }));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
