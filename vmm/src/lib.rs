@@ -10,6 +10,7 @@ pub mod irqchip;
 pub mod layout;
 pub mod memory;
 pub mod pci;
+pub mod supervisor;
 pub mod terminal;
 pub mod virtio;
 pub mod vhost_user;

@@ -3,6 +3,7 @@
 
 use crate::layout::{
     RamLayout, EBDA_START, HIMEM_START, KVM_IDENTITY_MAP_START, KVM_TSS_START, MMIO_HOLE_END,
+    PCI_ECAM_BUS_SIZE, PCI_ECAM_START,
 };
 
 pub const E820_RAM: u32 = 1;
@@ -23,14 +24,15 @@ pub const KVM_PRIVATE_SIZE: u64 = KVM_TSS_START + 3 * 0x1000 - KVM_IDENTITY_MAP_
 const _: () = assert!(KVM_PRIVATE_SIZE == 16 << 10);
 
 /// RAM below the legacy area, the legacy VGA/BIOS area (where the ACPI tables are) as
-/// reserved, RAM from 1 MiB to the MMIO hole, KVM's private pages as reserved, and RAM above
-/// 4 GiB.
+/// reserved, RAM from 1 MiB to the MMIO hole, the PCIe ECAM window and KVM's private pages as
+/// reserved, and RAM above 4 GiB.
 ///
-/// The rest of the 32-bit MMIO hole is left out rather than reserved: it is where PCI BARs
-/// will be placed, and the ECAM window gets its own reserved entry once PCI exists.
+/// The rest of the 32-bit MMIO hole is left out rather than reserved: PCI BARs and
+/// virtio-mmio devices live there. Linux only trusts an MCFG table whose ECAM area is reserved
+/// (here or as an ACPI motherboard resource; we do both).
 pub fn e820_map(layout: &RamLayout) -> Vec<E820Entry> {
     let low_end = layout.low_end();
-    let mut map = Vec::with_capacity(5);
+    let mut map = Vec::with_capacity(6);
     map.push(E820Entry {
         addr: 0,
         size: low_end.min(EBDA_START),
@@ -50,6 +52,11 @@ pub fn e820_map(layout: &RamLayout) -> Vec<E820Entry> {
             kind: E820_RAM,
         });
     }
+    map.push(E820Entry {
+        addr: PCI_ECAM_START,
+        size: PCI_ECAM_BUS_SIZE,
+        kind: E820_RESERVED,
+    });
     map.push(E820Entry {
         addr: KVM_PRIVATE_START,
         size: KVM_PRIVATE_SIZE,
@@ -98,6 +105,11 @@ mod tests {
                     kind: E820_RAM
                 },
                 E820Entry {
+                    addr: 0xe000_0000,
+                    size: 0x10_0000,
+                    kind: E820_RESERVED
+                },
+                E820Entry {
                     addr: 0xfffb_c000,
                     size: 0x4000,
                     kind: E820_RESERVED
@@ -111,11 +123,12 @@ mod tests {
     #[test]
     fn large_guest_resumes_above_4g() {
         let map = e820_map(&RamLayout::new(16 << 30));
-        assert_eq!(map.len(), 5);
+        assert_eq!(map.len(), 6);
         assert_eq!(map[2].addr + map[2].size, 3 << 30);
         assert_eq!(map[3].kind, E820_RESERVED);
+        assert_eq!(map[4].kind, E820_RESERVED);
         assert_eq!(
-            map[4],
+            map[5],
             E820Entry {
                 addr: 4 << 30,
                 size: 13 << 30,
