@@ -77,6 +77,22 @@ pub const KVM_TSS_START: u64 = 0xfffb_d000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 
+/// Where virtio-mmio device number `n` lives and which IOAPIC pin it raises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioMmioSlot {
+    pub base: u64,
+    pub gsi: u32,
+}
+
+impl VirtioMmioSlot {
+    pub fn new(n: u32) -> Option<Self> {
+        (n < VIRTIO_MMIO_SLOTS).then(|| VirtioMmioSlot {
+            base: VIRTIO_MMIO_START + u64::from(n) * VIRTIO_MMIO_STRIDE,
+            gsi: VIRTIO_MMIO_GSI_BASE + n,
+        })
+    }
+}
+
 /// How guest RAM is split around the MMIO hole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RamLayout {
@@ -191,6 +207,18 @@ mod tests {
         assert_eq!(r[1].size, 13 << 30);
         assert_eq!(r[1].file_offset, 3 << 30);
         assert_eq!(l.total(), 16 << 30);
+    }
+
+    #[test]
+    fn virtio_mmio_slots() {
+        assert_eq!(
+            VirtioMmioSlot::new(1),
+            Some(VirtioMmioSlot {
+                base: 0xf000_1000,
+                gsi: 17
+            })
+        );
+        assert_eq!(VirtioMmioSlot::new(8), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod boot;
 pub mod config;
 pub mod cpu;
 pub mod devices;
+pub mod disks;
 pub mod exit;
 pub mod irqchip;
 pub mod layout;

@@ -22,12 +22,19 @@ use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::pvpanic::{PvPanic, PVPANIC_PORT};
 use crate::devices::serial::{Output, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use crate::devices::{Bus, BusDevice, BusError};
+use crate::disks::{AttachContext, Disks, DisksError};
 use crate::exit::ExitLatch;
 pub use crate::exit::ExitReason;
 use crate::irqchip::{self, IrqchipError};
-use crate::layout::{RamLayout, KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use crate::layout::{
+    RamLayout, KVM_IDENTITY_MAP_START, KVM_TSS_START, PCI_ECAM_BUS_SIZE, PCI_ECAM_START,
+    PCI_MMIO_SIZE, PCI_MMIO_START,
+};
 use crate::memory::{GuestRam, MemoryError};
+use crate::pci::bus::{CONFIG_IO_LEN, CONFIG_IO_PORT};
+use crate::pci::{BarAllocator, PciConfigIo, PciConfigMmio, PciRoot};
 use crate::terminal::RawTerminal;
+use crate::vm_ops::{KvmVmOps, VmOps};
 
 /// A failure of the VMM or KVM (not of the user's input).
 #[derive(Debug, Error)]
@@ -54,13 +61,15 @@ pub enum VmError {
     Fam(&'static str, #[source] vmm_sys_util::fam::Error),
     #[error("cannot {0}")]
     Signal(&'static str, #[source] vmm_sys_util::errno::Error),
+    #[error(transparent)]
+    Disks(#[from] DisksError),
 }
 
 /// A VM ready to run: memory loaded, devices attached, vCPUs configured.
 pub struct Vm {
     // Kept alive for the VM's lifetime: KVM needs the VM fd, vCPUs need the VM.
     _kvm: Kvm,
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
     ram: GuestRam,
     vcpus: Vec<Vcpu>,
     io_bus: Arc<Bus>,
@@ -69,6 +78,8 @@ pub struct Vm {
     serial: Arc<SerialDevice>,
     /// stdin feeds the UART (`--serial tty`).
     console_input: bool,
+    /// Disk backends, watched while the guest runs and stopped when it ends.
+    disks: Disks,
 }
 
 impl Vm {
@@ -114,9 +125,13 @@ impl Vm {
             }
             .into());
         }
-        let vm_fd = kvm
-            .create_vm()
-            .map_err(|e| VmError::Kvm("create the VM", e))?;
+        // Every option is checked now; the disks' backends start while we build the VM.
+        cfg.check_files()?;
+        let mut disks = Disks::launch(&cfg.disks).map_err(VmError::from)?;
+        let vm_fd = Arc::new(
+            kvm.create_vm()
+                .map_err(|e| VmError::Kvm("create the VM", e))?,
+        );
         // Needed on Intel (real-mode emulation via VMX); harmless elsewhere. Both live in the
         // MMIO hole, outside guest RAM.
         vm_fd
@@ -162,6 +177,37 @@ impl Vm {
         .map_err(VmError::from)?;
         add(Arc::new(PvPanic::new(exit.clone())), PVPANIC_PORT, 1).map_err(VmError::from)?;
 
+        // PCI bus 0 and the disks (on it or on virtio-mmio). BARs start where firmware would
+        // have put them: 64-bit ones above RAM.
+        let vm_ops: Arc<dyn VmOps> = Arc::new(KvmVmOps::new(vm_fd.clone()));
+        let mut pci = PciRoot::new();
+        let pci_mmio64 = ram.layout.pci_mmio64_window();
+        let virtio_mmio = disks
+            .attach(&mut AttachContext {
+                memory: &ram.memory,
+                vm: vm_ops,
+                mmio_bus: &mmio_bus,
+                pci: &mut pci,
+                bar64: &mut BarAllocator::new("64-bit", pci_mmio64.0, pci_mmio64.1),
+                bar32: &mut BarAllocator::new("32-bit", PCI_MMIO_START, PCI_MMIO_SIZE),
+            })
+            .map_err(VmError::from)?;
+        let pci = Arc::new(pci);
+        io_bus
+            .insert(
+                Arc::new(PciConfigIo::new(pci.clone())),
+                u64::from(CONFIG_IO_PORT),
+                CONFIG_IO_LEN,
+            )
+            .map_err(VmError::from)?;
+        mmio_bus
+            .insert(
+                Arc::new(PciConfigMmio::new(pci)),
+                PCI_ECAM_START,
+                PCI_ECAM_BUS_SIZE,
+            )
+            .map_err(VmError::from)?;
+
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Kvm("get the supported CPUID", e))?;
@@ -179,7 +225,12 @@ impl Vm {
         )
         .map_err(|e| boot_error(cfg, e))?;
         // After the kernel, so nothing in its file can overwrite them.
-        acpi::create_tables(&ram.memory, vcpu_count).map_err(VmError::from)?;
+        let platform = acpi::Platform {
+            vcpus: vcpu_count,
+            pci_mmio64,
+            virtio_mmio,
+        };
+        acpi::create_tables(&ram.memory, &platform).map_err(VmError::from)?;
 
         let msrs = msrs::boot_msrs().map_err(|e| VmError::Fam("MSR", e))?;
         let mut vcpus = Vec::with_capacity(vcpu_count);
@@ -203,6 +254,7 @@ impl Vm {
             exit,
             serial,
             console_input: cfg.serial == SerialConfig::Tty,
+            disks,
         })
     }
 
@@ -278,12 +330,17 @@ impl Vm {
         for t in threads {
             let _ = t.join();
         }
+        self.disks.shutdown();
         result
     }
 
     /// The main thread's loop: waits for an exit request or a signal, and pumps stdin into
     /// the UART, never faster than the guest drains its FIFO.
-    fn wait_for_exit(&self, signals: &SignalFd) -> Result<ExitReason, VmError> {
+    ///
+    /// It also watches the disks' backends: a socket hang-up or a managed backend's exit is
+    /// reported and the device marked as needing a reset, and the guest keeps running. This is
+    /// poll(2) rather than epoll: stdin may be a regular file or /dev/null, which epoll refuses.
+    fn wait_for_exit(&mut self, signals: &SignalFd) -> Result<ExitReason, VmError> {
         let drained = self
             .serial
             .drained_event()
@@ -295,7 +352,7 @@ impl Vm {
             if let Some(reason) = self.exit.reason() {
                 return Ok(reason);
             }
-            let mut fds = [
+            let mut fds = vec![
                 pollfd(self.exit.eventfd().as_raw_fd()),
                 pollfd(signals.fd.as_raw_fd()),
                 pollfd(if stdin_open && !stdin_paused {
@@ -309,6 +366,12 @@ impl Vm {
                     -1
                 }),
             ];
+            let watches = self.disks.watches();
+            fds.extend(watches.iter().map(|&(fd, events, _)| libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            }));
             // SAFETY: a valid array of pollfds; negative fds are ignored by poll.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
             if n < 0 {
@@ -345,6 +408,11 @@ impl Vm {
             if fds[3].revents != 0 {
                 let _ = drained.read();
                 stdin_paused = false;
+            }
+            for (pfd, &(_, _, watch)) in fds[4..].iter().zip(&watches) {
+                if pfd.revents != 0 {
+                    self.disks.on_event(watch);
+                }
             }
         }
     }

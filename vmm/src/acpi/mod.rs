@@ -1,20 +1,20 @@
-//! ACPI tables: RSDP -> XSDT -> {FADT -> DSDT, MADT}.
+//! ACPI tables: RSDP -> XSDT -> {FADT -> DSDT, MADT, MCFG}.
 //!
 //! The platform is "hardware-reduced" ACPI: no PM1 blocks or SCI, just a sleep control/status
 //! register pair and a reset register in our own I/O block ([`crate::devices::acpi_pm`]).
-//! When PCI arrives, its MCFG table goes into the XSDT next to the MADT and its host bridge
-//! (PNP0A08) into the DSDT; see the `pci` notes in [`dsdt`] and [`create_tables`].
+//! PCI's host bridge is in the DSDT and its ECAM window in the MCFG ([`pci`]).
 
 pub mod dsdt;
 pub mod fadt;
 pub mod madt;
+pub mod pci;
 
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
-use crate::layout::{ACPI_START, HIMEM_START, RSDP_START};
+use crate::layout::{VirtioMmioSlot, ACPI_START, HIMEM_START, RSDP_START};
 use crate::memory::GuestMemoryMmap;
 
 pub const OEM_ID: [u8; 6] = *b"CLOIST";
@@ -27,6 +27,27 @@ pub enum AcpiError {
     TooLarge(u64),
     #[error("cannot write ACPI tables to guest memory")]
     Memory(#[source] GuestMemoryError),
+}
+
+/// What the tables describe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Platform {
+    pub vcpus: usize,
+    /// The 64-bit PCI MMIO window (start, size).
+    pub pci_mmio64: (u64, u64),
+    pub virtio_mmio: Vec<VirtioMmioSlot>,
+}
+
+impl Platform {
+    /// `vcpus` processors, the 64-bit window of a guest without RAM above 4 GiB, no
+    /// virtio-mmio devices.
+    pub fn new(vcpus: usize) -> Self {
+        Platform {
+            vcpus,
+            pci_mmio64: crate::layout::RamLayout::new(0).pci_mmio64_window(),
+            virtio_mmio: Vec::new(),
+        }
+    }
 }
 
 /// Serialises any table.
@@ -51,20 +72,21 @@ impl Placer {
     }
 }
 
-/// Builds all tables for `vcpus` processors; returns `(address, bytes)` for each, RSDP first.
-pub fn build_tables(vcpus: usize) -> Result<Vec<(u64, Vec<u8>)>, AcpiError> {
+/// Builds all tables; returns `(address, bytes)` for each, RSDP first.
+pub fn build_tables(platform: &Platform) -> Result<Vec<(u64, Vec<u8>)>, AcpiError> {
     let mut placer = Placer {
         // The RSDP is 36 bytes at the start of the area.
         next: (RSDP_START + Rsdp::len() as u64).next_multiple_of(16),
         tables: Vec::with_capacity(5),
     };
-    let dsdt = placer.place(dsdt::build());
+    let dsdt = placer.place(dsdt::build(platform));
     let fadt = placer.place(fadt::build(dsdt));
-    let madt = placer.place(madt::build(vcpus));
-    // PCI: the MCFG table will be placed here and added to the XSDT.
+    let madt = placer.place(madt::build(platform.vcpus));
+    let mcfg = placer.place(pci::mcfg());
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt);
     xsdt.add_entry(madt);
+    xsdt.add_entry(mcfg);
     let xsdt = placer.place(to_bytes(&xsdt));
     if placer.next > HIMEM_START {
         return Err(AcpiError::TooLarge(placer.next - ACPI_START));
@@ -75,8 +97,8 @@ pub fn build_tables(vcpus: usize) -> Result<Vec<(u64, Vec<u8>)>, AcpiError> {
 }
 
 /// Writes the tables into guest memory; returns the RSDP address.
-pub fn create_tables(mem: &GuestMemoryMmap, vcpus: usize) -> Result<u64, AcpiError> {
-    for (addr, bytes) in build_tables(vcpus)? {
+pub fn create_tables(mem: &GuestMemoryMmap, platform: &Platform) -> Result<u64, AcpiError> {
+    for (addr, bytes) in build_tables(platform)? {
         mem.write_slice(&bytes, GuestAddress(addr))
             .map_err(AcpiError::Memory)?;
     }
@@ -102,7 +124,7 @@ mod tests {
     #[test]
     fn all_checksums_and_lengths_are_valid() {
         for vcpus in [1, 2, 254] {
-            let tables = build_tables(vcpus).unwrap();
+            let tables = build_tables(&Platform::new(vcpus)).unwrap();
             let (rsdp_addr, rsdp) = &tables[0];
             assert_eq!(*rsdp_addr, 0xe0000);
             assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -124,7 +146,7 @@ mod tests {
 
     #[test]
     fn pointers_link_up() {
-        let tables = build_tables(2).unwrap();
+        let tables = build_tables(&Platform::new(2)).unwrap();
         let find = |addr: u64| tables.iter().find(|(a, _)| *a == addr).map(|(_, t)| t);
         let rsdp = &tables[0].1;
         let xsdt = find(u64_at(rsdp, 24)).expect("XSDT at RSDP.xsdt_addr");
@@ -134,7 +156,7 @@ mod tests {
             .map(|o| u64_at(xsdt, o))
             .collect();
         let sigs: Vec<&[u8]> = entries.iter().map(|a| &find(*a).unwrap()[..4]).collect();
-        assert_eq!(sigs, vec![&b"FACP"[..], &b"APIC"[..]]);
+        assert_eq!(sigs, vec![&b"FACP"[..], &b"APIC"[..], &b"MCFG"[..]]);
         let fadt = find(entries[0]).unwrap();
         let dsdt = find(u64_at(fadt, 140)).expect("DSDT at FADT.X_DSDT");
         assert_eq!(&dsdt[..4], b"DSDT");
@@ -146,7 +168,9 @@ mod tests {
     #[ignore]
     fn dump_tables() {
         let dir = std::path::PathBuf::from(std::env::var_os("CLOISTER_ACPI_DIR").unwrap());
-        for (_, t) in build_tables(2).unwrap() {
+        let mut platform = Platform::new(2);
+        platform.virtio_mmio = vec![crate::layout::VirtioMmioSlot::new(0).unwrap()];
+        for (_, t) in build_tables(&platform).unwrap() {
             let sig = if &t[..8] == b"RSD PTR " {
                 "RSDP".to_string()
             } else {
