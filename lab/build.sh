@@ -207,6 +207,11 @@ build_lab() {
         root=$tmp/root
         busybox_root "$root"
         copy_with_libs "$root" "${lab_tools[@]}"
+        # Debian's busybox shell runs its own applets before anything on PATH (so `ip` would
+        # be busybox's, without `tuntap`); scenarios get dash as /bin/sh, as on a Debian host.
+        copy_with_libs "$root" /usr/bin/dash
+        ln -sf /usr/bin/dash "$root/bin/sh"
+        ln -sfn /run "$root/var/run"
         install -D -m 0755 "$C_VIRTIOFSD" "$root/usr/lib/qemu/virtiofsd"
         copy_libs_of "$root" "$C_VIRTIOFSD"
         # QEMU's firmware for the machine types the tests use (q35/pc via SeaBIOS, microvm).

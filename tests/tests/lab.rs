@@ -108,7 +108,7 @@ fn scenarios() -> Vec<Scenario> {
                 r#"
                 truncate -s 256M /tmp/disk.img
                 run qemu qemu-system-x86_64 {QEMU_MICROVM} \
-                    -drive id=d0,file=/tmp/disk.img,format=raw,if=none,cache=none \
+                    -drive id=d0,file=/tmp/disk.img,format=raw,if=none \
                     -device virtio-blk-device,drive=d0 \
                     -initrd "$GUEST_DIR/initramfs-tools.cpio" \
                     -append "$(guest_cmdline fio cloister.fio=randread,4k,32,3)"
