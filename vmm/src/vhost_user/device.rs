@@ -186,3 +186,123 @@ impl VirtioDevice for VhostUserDevice {
         self.drop_connection();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::RamLayout;
+    use crate::memory::GuestRam;
+    use crate::vhost_user::blk::Blk;
+    use crate::vhost_user::connection;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::Duration;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    /// The workspace's own backend, if it has been built (`cargo build --workspace`).
+    fn backend_binary() -> Option<PathBuf> {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/vhost-user-blk");
+        p.is_file().then_some(p)
+    }
+
+    struct Backend {
+        child: Child,
+        dir: PathBuf,
+    }
+
+    impl Drop for Backend {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn start_backend(bin: &Path, tag: &str) -> (Backend, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("cloister-vu-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let socket = dir.join("blk.sock");
+        let child = Command::new(bin)
+            .args(["--queues", "2", "--log-level", "warn", "--socket"])
+            .arg(&socket)
+            .arg("--image")
+            .arg(&image)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        (Backend { child, dir }, socket)
+    }
+
+    fn queue(index: usize, base: u64) -> ActiveQueue {
+        ActiveQueue {
+            index,
+            size: 16,
+            desc: GuestAddress(base),
+            avail: GuestAddress(base + 0x1000),
+            used: GuestAddress(base + 0x2000),
+            kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+            call: EventFd::new(EFD_NONBLOCK).unwrap(),
+        }
+    }
+
+    #[test]
+    fn against_the_real_backend() {
+        let Some(bin) = backend_binary() else {
+            eprintln!("vhost-user-blk not built: skipped");
+            return;
+        };
+        let (mut backend, socket) = start_backend(&bin, "real");
+        let ram = GuestRam::new(RamLayout::new(16 << 20)).unwrap();
+        let stream = connection::connect(&socket, Duration::from_secs(10), &mut || Ok(())).unwrap();
+        let conn = Connection::new(stream, "test", 1).unwrap();
+        assert_eq!(conn.negotiated().queues, 2);
+        let mut dev =
+            VhostUserDevice::new("disk0", Box::new(Blk), conn, ram.memory.clone(), 1, 64).unwrap();
+        assert_ne!(dev.features() & (1 << VIRTIO_F_VERSION_1), 0);
+        assert_eq!(
+            dev.features() & (1 << 30),
+            0,
+            "no vhost-user bit for the guest"
+        );
+        assert_eq!(dev.queue_max_sizes(), &[64]);
+        let mut capacity = [0u8; 8];
+        dev.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), (8 << 20) / 512);
+        let mut queues = [0u8; 2];
+        dev.read_config(34, &mut queues);
+        assert_eq!(
+            u16::from_le_bytes(queues),
+            1,
+            "num_queues is what we expose"
+        );
+
+        // Start, stop, and start again (a guest reset).
+        dev.activate(1 << VIRTIO_F_VERSION_1, vec![queue(0, 0x10_0000)])
+            .unwrap();
+        dev.reset();
+        dev.activate(1 << VIRTIO_F_VERSION_1, vec![queue(0, 0x20_0000)])
+            .unwrap();
+        dev.reset();
+
+        // Rings outside RAM are refused before the backend hears of them.
+        let e = dev
+            .activate(1 << VIRTIO_F_VERSION_1, vec![queue(0, 0x100_0000)])
+            .unwrap_err();
+        assert!(e.0.contains("outside guest memory"), "{e}");
+
+        // The backend dies: activation fails cleanly, and so does everything after.
+        let _ = backend.child.kill();
+        let _ = backend.child.wait();
+        let e = dev
+            .activate(1 << VIRTIO_F_VERSION_1, vec![queue(0, 0x10_0000)])
+            .unwrap_err();
+        assert!(!e.0.is_empty());
+        dev.reset();
+        assert!(dev.activate(1 << VIRTIO_F_VERSION_1, Vec::new()).is_err());
+    }
+}

@@ -1,0 +1,374 @@
+//! Disks: the stock Debian guest reads and writes virtio-blk disks served by vhost-user-blk
+//! processes, over PCI and over virtio-mmio, managed by cloister or launched by the operator;
+//! read-only disks, several queues, several disks; a backend killed under load is reported
+//! and the VM stays stoppable. Also measures the VMM's CPU time during guest I/O.
+
+use std::time::Duration;
+
+use harness::{LabOptions, Scenario, ScenarioOutcome, SharedRun};
+
+static LAB: SharedRun = SharedRun::new("blk", scenarios, LabOptions::default);
+
+/// MiB offsets the guest's `blk` test writes 2 MiB of random data at.
+const OFFSETS: [u32; 3] = [0, 5, 37];
+
+/// Shell helpers every scenario gets.
+const PRELUDE: &str = r#"
+# image NAME: a sparse 64 MiB raw image in the results directory.
+image() { truncate -s 64M "$RESULTS_DIR/$1"; echo "$RESULTS_DIR/$1"; }
+# image_marks DEV FILE: the sha256 of each 2 MiB the guest wrote, as the host sees the image.
+image_marks() {
+    for off in 0 5 37; do
+        mark "img.$1.$off" "$(dd if="$2" bs=1M skip=$off count=2 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    done
+}
+# wait_for FILE TEXT TENTHS: until TEXT appears in FILE, for at most TENTHS/10 seconds.
+wait_for() {
+    i=0
+    while [ "$i" -lt "$3" ]; do
+        grep -q "$2" "$1" 2>/dev/null && return 0
+        sleep 0.1
+        i=$((i + 1))
+    done
+    return 1
+}
+# cloister_bg LOG TEST ARGS...: cloister in the background, console in $RESULTS_DIR/console.log
+# and its own messages in LOG; sets $vm.
+cloister_bg() {
+    log=$1
+    t=$2
+    shift 2
+    "$BIN_DIR/cloister" --kernel "$GUEST_DIR/vmlinux" --initramfs "$GUEST_DIR/initramfs.cpio" \
+        --cmdline "$(guest_cmdline "$t")" --serial "file=$RESULTS_DIR/console.log" "$@" \
+        >"$log" 2>&1 &
+    vm=$!
+}
+# running PID: the process exists and has not exited (an unreaped child is a zombie, which
+# kill -0 still finds).
+running() { [ -e "/proc/$1/stat" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
+# stop_vm: SIGTERM, then up to 30 s for cloister to exit; marks vm.rc (or vm.rc=hung).
+stop_vm() {
+    kill -TERM "$vm" 2>/dev/null
+    i=0
+    while running "$vm" && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+    if running "$vm"; then
+        mark vm.rc hung
+        kill -KILL "$vm"
+    else
+        wait "$vm"
+        mark vm.rc "$?"
+    fi
+}
+# cpu PID: "utime stime guest_time" in clock ticks.
+cpu() { awk '{print $14, $15, $43}' "/proc/$1/stat"; }
+"#;
+
+/// Boots the test guest running `test` with cloister's extra `args`, in the foreground.
+fn boot(name: &str, before: &str, args: &str, after: &str) -> Scenario {
+    Scenario::new(
+        name,
+        &format!(
+            r#"{PRELUDE}
+            {before}
+            run vm "$BIN_DIR/cloister" --kernel "$GUEST_DIR/vmlinux" \
+                --initramfs "$GUEST_DIR/initramfs.cpio" \
+                --cmdline "$(guest_cmdline blk)" {args}
+            {after}
+            "#
+        ),
+    )
+    .timeout(Duration::from_secs(240))
+}
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        boot(
+            "pci-managed",
+            r#"a=$(image a.img)"#,
+            r#"--disk "path=$a""#,
+            r#"image_marks vda "$a"; rm -f "$a""#,
+        ),
+        boot(
+            "mmio-managed",
+            r#"a=$(image a.img)"#,
+            r#"--disk "path=$a,transport=mmio""#,
+            r#"image_marks vda "$a"; rm -f "$a""#,
+        ),
+        boot(
+            "operator-socket",
+            r#"a=$(image a.img)
+            "$BIN_DIR/vhost-user-blk" --socket "$RESULTS_DIR/op.sock" --image "$a" --queues 2 &
+            backend=$!"#,
+            r#"--disk "socket=$RESULTS_DIR/op.sock""#,
+            r#"image_marks vda "$a"
+            # The backend outlives the VM and serves it again: it is the operator's.
+            kill -0 "$backend" && mark backend.alive yes
+            kill -TERM "$backend"; wait "$backend"; mark backend.rc $?
+            rm -f "$a""#,
+        ),
+        boot(
+            "readonly",
+            r#"a=$(image a.img)
+            dd if=/dev/urandom of="$a" bs=1M count=64 conv=notrunc 2>/dev/null
+            mark img.before "$(sha256sum <"$a" | cut -d' ' -f1)"
+            mark img.head "$(dd if="$a" bs=1M count=2 2>/dev/null | sha256sum | cut -d' ' -f1)""#,
+            r#"--disk "path=$a,readonly=on""#,
+            r#"mark img.after "$(sha256sum <"$a" | cut -d' ' -f1)"; rm -f "$a""#,
+        ),
+        boot(
+            "four-queues",
+            r#"a=$(image a.img)"#,
+            r#"--cpus boot=4 --disk "path=$a,num_queues=4""#,
+            r#"image_marks vda "$a"; rm -f "$a""#,
+        ),
+        boot(
+            "two-disks",
+            r#"a=$(image a.img); b=$(image b.img)"#,
+            // Two vCPUs: Linux uses no more queues than CPUs.
+            r#"--cpus boot=2 --disk "path=$a,serial=first" --disk "path=$b,serial=second,num_queues=2,queue_size=128""#,
+            r#"image_marks vda "$a"; image_marks vdb "$b"; rm -f "$a" "$b""#,
+        ),
+        Scenario::new(
+            "kill-backend",
+            &format!(
+                r#"{PRELUDE}
+                a=$(image a.img)
+                dd if=/dev/urandom of="$a" bs=1M count=64 conv=notrunc 2>/dev/null
+                cloister_bg "$RESULTS_DIR/vm.log" blkloop --disk "path=$a"
+                wait_for "$RESULTS_DIR/console.log" "CLOISTER-BLK-LOOP pass=2" 1200 && mark loop.running yes
+                backend=$(pidof vhost-user-blk)
+                mark backend.pid "$backend"
+                kill -KILL $backend
+                wait_for "$RESULTS_DIR/vm.log" "backend exited" 300 && mark reported yes
+                running "$vm" && mark vm.alive yes
+                sleep 1
+                stop_vm
+                echo "--- cloister ---"; cat "$RESULTS_DIR/vm.log"
+                echo "--- guest console (tail) ---"; tail -n 5 "$RESULTS_DIR/console.log"
+                rm -f "$a"
+                "#
+            ),
+        )
+        .timeout(Duration::from_secs(240)),
+        perf("perf-pci", "pci"),
+        perf("perf-mmio", "mmio"),
+    ]
+}
+
+/// What the VMM does while the guest moves 512 MiB through the disk (8192 requests of 64 KiB):
+/// KVM's own count of exits to the VMM (debugfs), the main thread's CPU time, and for scale
+/// the backend's.
+fn perf(name: &str, transport: &str) -> Scenario {
+    Scenario::new(
+        name,
+        &format!(
+            r#"{PRELUDE}
+            mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug
+            truncate -s 300M "$RESULTS_DIR/p.img"
+            cloister_bg "$RESULTS_DIR/vm.log" blkperf --disk "path=$RESULTS_DIR/p.img,transport={transport}"
+            wait_for "$RESULTS_DIR/console.log" CLOISTER-BLK-PERF-START 1200
+            kvm=$(ls -d /sys/kernel/debug/kvm/$vm-* | head -n1)
+            # exits: all of them; mmio_exits and io_exits: the ones that reach the VMM.
+            kstat() {{ for f in exits mmio_exits io_exits; do cat "$kvm/$f"; done; }}
+            set -- $(kstat); e1=$1; m1=$2; i1=$3
+            set -- $(cpu $vm); u1=$1; s1=$2; g1=$3
+            set -- $(cpu $vm/task/$vm); mu1=$1; ms1=$2
+            backend=$(pidof vhost-user-blk)
+            set -- $(cpu $backend); bu1=$1; bs1=$2
+            wait_for "$RESULTS_DIR/console.log" CLOISTER-BLK-PERF-END 3000 && mark perf.done yes
+            set -- $(kstat); e2=$1; m2=$2; i2=$3
+            set -- $(cpu $vm); u2=$1; s2=$2; g2=$3
+            set -- $(cpu $vm/task/$vm); mu2=$1; ms2=$2
+            set -- $(cpu $backend); bu2=$1; bs2=$2
+            mark kvm.exits $((e2 - e1))
+            mark vmm.mmio_exits $((m2 - m1))
+            mark vmm.io_exits $((i2 - i1))
+            mark vmm.main_thread_ticks $((mu2 - mu1 + ms2 - ms1))
+            # The whole process, vCPU threads running the guest included (guest_time is part
+            # of utime, though scaled differently, so they do not subtract exactly).
+            mark vmm.cpu_ticks $((u2 - u1 + s2 - s1))
+            mark vmm.guest_ticks $((g2 - g1))
+            mark backend.ticks $((bu2 - bu1 + bs2 - bs1))
+            grep CLOISTER-BLK-PERF-END "$RESULTS_DIR/console.log"
+            # It powers off by itself; SIGTERM only if it did not.
+            i=0; while running $vm && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+            stop_vm
+            cat "$RESULTS_DIR/vm.log"
+            rm -f "$RESULTS_DIR/p.img"
+            "#
+        ),
+    )
+    .timeout(Duration::from_secs(400))
+}
+
+/// The guest ran `blk` and powered off; cloister exited 0.
+fn powered_off(name: &str) -> &'static ScenarioOutcome {
+    let outcome = LAB.scenario(name);
+    outcome
+        .expect_mark("vm.rc", "0")
+        .expect_console("CLOISTER-GUEST-RESULT test=blk rc=0")
+        .expect_no_console("CLOISTER-BLK-ERROR")
+        .expect_no_console("CLOISTER-BLK-NONE")
+        .expect_no_console("panicked");
+    outcome
+}
+
+fn field<'a>(outcome: &'a ScenarioOutcome, tag: &str, key: &str) -> &'a str {
+    outcome
+        .field(tag, key)
+        .unwrap_or_else(|| outcome.fail(&format!("no {key}= on the guest's {tag} line")))
+}
+
+/// The guest sees `dev` with these properties.
+fn expect_disk(outcome: &ScenarioOutcome, dev: &str, props: &[(&str, &str)]) {
+    let tag = format!("CLOISTER-BLK-{dev} ");
+    for (key, want) in props {
+        let got = field(outcome, &tag, key);
+        if got != *want {
+            outcome.fail(&format!("{dev}: {key}={got}, expected {want}"));
+        }
+    }
+}
+
+/// What the guest wrote to `dev` it read back, and it is in the image file on the host.
+fn expect_round_trip(outcome: &ScenarioOutcome, dev: &str) {
+    for off in OFFSETS {
+        let tag = format!("CLOISTER-BLK-DATA-{dev}-{off} ");
+        let written = field(outcome, &tag, "written");
+        let read = field(outcome, &tag, "read");
+        if written != read {
+            outcome.fail(&format!(
+                "{dev} at {off} MiB: read back {read}, wrote {written}"
+            ));
+        }
+        let on_host = outcome.mark(&format!("img.{dev}.{off}"));
+        if on_host != Some(written) {
+            outcome.fail(&format!(
+                "{dev} at {off} MiB: the image holds {on_host:?}, the guest wrote {written}"
+            ));
+        }
+    }
+}
+
+#[test]
+fn managed_disk_over_pci() {
+    let o = powered_off("pci-managed");
+    expect_disk(
+        o,
+        "vda",
+        &[
+            ("sectors", "131072"),
+            ("ro", "0"),
+            ("queues", "1"),
+            ("bus", "pci"),
+        ],
+    );
+    expect_round_trip(o, "vda");
+}
+
+#[test]
+fn managed_disk_over_mmio() {
+    let o = powered_off("mmio-managed");
+    expect_disk(
+        o,
+        "vda",
+        &[("sectors", "131072"), ("ro", "0"), ("bus", "mmio")],
+    );
+    expect_round_trip(o, "vda");
+}
+
+#[test]
+fn operator_launched_backend() {
+    let o = powered_off("operator-socket");
+    expect_disk(
+        o,
+        "vda",
+        &[("sectors", "131072"), ("queues", "1"), ("bus", "pci")],
+    );
+    expect_round_trip(o, "vda");
+    o.expect_mark("backend.alive", "yes");
+    o.expect_mark("backend.rc", "0");
+}
+
+#[test]
+fn readonly_disk_refuses_writes_and_stays_unchanged() {
+    let o = powered_off("readonly");
+    expect_disk(o, "vda", &[("ro", "1")]);
+    if field(o, "CLOISTER-BLK-ROWRITE-vda ", "rc") == "0" {
+        o.fail("a write to the read-only disk succeeded");
+    }
+    let head = o.mark("img.head");
+    if head.is_none() || o.field("CLOISTER-BLK-READ-vda ", "sha256") != head {
+        o.fail("the guest did not read the image's first 2 MiB");
+    }
+    if o.mark("img.before").is_none() || o.mark("img.before") != o.mark("img.after") {
+        o.fail("the read-only image changed");
+    }
+}
+
+#[test]
+fn four_queues_reach_the_guest() {
+    let o = powered_off("four-queues");
+    expect_disk(o, "vda", &[("queues", "4"), ("bus", "pci")]);
+    expect_round_trip(o, "vda");
+}
+
+#[test]
+fn two_disks_in_order() {
+    let o = powered_off("two-disks");
+    expect_disk(o, "vda", &[("serial", "first"), ("queues", "1")]);
+    expect_disk(o, "vdb", &[("serial", "second"), ("queues", "2")]);
+    expect_round_trip(o, "vda");
+    expect_round_trip(o, "vdb");
+}
+
+#[test]
+fn killed_backend_is_reported_and_the_vm_still_stops() {
+    let o = LAB.scenario("kill-backend");
+    o.expect_mark("loop.running", "yes")
+        .expect_mark("reported", "yes")
+        .expect_mark("vm.alive", "yes")
+        .expect_mark("vm.rc", "143")
+        .expect_no_console("panicked");
+    let pid = o.mark_u64("backend.pid");
+    o.expect_console(&format!(
+        "cloister: disk0 (vhost-user-blk, pid {pid}): backend exited with signal 9 (SIGKILL)"
+    ));
+    o.expect_console("cloister: terminated by signal SIGTERM");
+}
+
+/// The VMM must do no work per I/O. Over the 8192 requests (plus the guest's own console
+/// output, a few dozen port writes): with PCI and MSI-X, notifications are ioeventfds and
+/// completions irqfds, so KVM hands almost nothing to the VMM; with virtio-mmio the guest's
+/// interrupt handler reads InterruptStatus and writes InterruptACK, two MMIO exits per
+/// interrupt, answered from memory. The main thread sleeps throughout.
+#[test]
+fn vmm_stays_out_of_the_io_path() {
+    for name in ["perf-pci", "perf-mmio"] {
+        let o = LAB.scenario(name);
+        o.expect_mark("perf.done", "yes");
+        let main = o.mark_u64("vmm.main_thread_ticks");
+        eprintln!(
+            "{name}: KVM exits {}, to the VMM: {} MMIO + {} port I/O; main thread {main} ticks; \
+             process {} ticks of which guest {}; backend {} ticks",
+            o.mark_u64("kvm.exits"),
+            o.mark_u64("vmm.mmio_exits"),
+            o.mark_u64("vmm.io_exits"),
+            o.mark_u64("vmm.cpu_ticks"),
+            o.mark_u64("vmm.guest_ticks"),
+            o.mark_u64("backend.ticks"),
+        );
+        if main > 5 {
+            o.fail(&format!(
+                "the main thread used {main} ticks during guest I/O"
+            ));
+        }
+    }
+    let pci = LAB.scenario("perf-pci");
+    let mmio = pci.mark_u64("vmm.mmio_exits");
+    if mmio > 100 {
+        pci.fail(&format!(
+            "{mmio} MMIO exits reached the VMM during 8192 requests"
+        ));
+    }
+}
