@@ -17,7 +17,8 @@ for dir in "$payload"/scenarios/*/; do
     limit=$(cat "$dir/timeout" 2>/dev/null || echo 300)
     start=$(date +%s)
     echo "@@CLOISTER-SCENARIO-BEGIN $name@@"
-    (cd "$RESULTS_DIR" && exec timeout "$limit" sh -c '. "$LAB_LIB"; . "$1"' sh "$dir/script.sh") </dev/null 2>&1
+    # /bin/sh by path: busybox's timeout would run its own shell applet for a bare `sh`.
+    (cd "$RESULTS_DIR" && exec timeout "$limit" /bin/sh -c '. "$LAB_LIB"; . "$1"' sh "$dir/script.sh") </dev/null 2>&1
     rc=$?
     # The scenario's output may end mid-line (a guest console); markers start a line.
     echo
