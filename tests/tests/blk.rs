@@ -63,8 +63,13 @@ stop_vm() {
 cpu() { awk '{print $14, $15, $43}' "/proc/$1/stat"; }
 "#;
 
-/// Boots the test guest running `test` with cloister's extra `args`, in the foreground.
+/// Boots the test guest running `blk` with cloister's extra `args`, in the foreground;
+/// `before` and `after` are shell lines run around it.
 fn boot(name: &str, before: &str, args: &str, after: &str) -> Scenario {
+    boot_test(name, "blk", before, args, after)
+}
+
+fn boot_test(name: &str, test: &str, before: &str, args: &str, after: &str) -> Scenario {
     Scenario::new(
         name,
         &format!(
@@ -72,7 +77,7 @@ fn boot(name: &str, before: &str, args: &str, after: &str) -> Scenario {
             {before}
             run vm "$BIN_DIR/cloister" --kernel "$GUEST_DIR/vmlinux" \
                 --initramfs "$GUEST_DIR/initramfs.cpio" \
-                --cmdline "$(guest_cmdline blk)" {args}
+                --cmdline "$(guest_cmdline {test})" {args}
             {after}
             "#
         ),
@@ -128,6 +133,20 @@ fn scenarios() -> Vec<Scenario> {
             r#"--cpus boot=2 --disk "path=$a,serial=first" --disk "path=$b,serial=second,num_queues=2,queue_size=128""#,
             r#"image_marks vda "$a"; image_marks vdb "$b"; rm -f "$a" "$b""#,
         ),
+        boot_test(
+            "rebind-pci",
+            "blkrebind",
+            r#"a=$(image a.img)"#,
+            r#"--disk "path=$a""#,
+            r#"rm -f "$a""#,
+        ),
+        boot_test(
+            "rebind-mmio",
+            "blkrebind",
+            r#"a=$(image a.img)"#,
+            r#"--disk "path=$a,transport=mmio""#,
+            r#"rm -f "$a""#,
+        ),
         Scenario::new(
             "kill-backend",
             &format!(
@@ -163,7 +182,7 @@ fn perf(name: &str, transport: &str) -> Scenario {
         name,
         &format!(
             r#"{PRELUDE}
-            mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug
+            grep -q " /sys/kernel/debug " /proc/mounts || mount -t debugfs none /sys/kernel/debug
             truncate -s 300M "$RESULTS_DIR/p.img"
             cloister_bg "$RESULTS_DIR/vm.log" blkperf --disk "path=$RESULTS_DIR/p.img,transport={transport}"
             wait_for "$RESULTS_DIR/console.log" CLOISTER-BLK-PERF-START 1200
@@ -320,6 +339,26 @@ fn two_disks_in_order() {
     expect_disk(o, "vdb", &[("serial", "second"), ("queues", "2")]);
     expect_round_trip(o, "vda");
     expect_round_trip(o, "vdb");
+}
+
+/// A driver unbound and bound again resets the device and starts it again, twice: the rings
+/// go back to the backend each time and the data is still there.
+#[test]
+fn device_reset_and_reactivation() {
+    for name in ["rebind-pci", "rebind-mmio"] {
+        let o = LAB.scenario(name);
+        o.expect_mark("vm.rc", "0")
+            .expect_console("CLOISTER-GUEST-RESULT test=blkrebind rc=0")
+            .expect_no_console("CLOISTER-BLK-ERROR")
+            .expect_no_console("cannot start the device");
+        for round in 1..=2 {
+            let tag = format!("CLOISTER-BLK-REBIND-{round} ");
+            let written = field(o, &tag, "written");
+            if field(o, &tag, "read") != written {
+                o.fail(&format!("round {round}: data changed across the reset"));
+            }
+        }
+    }
 }
 
 #[test]
