@@ -13,8 +13,8 @@ pub mod memory;
 pub mod pci;
 pub mod supervisor;
 pub mod terminal;
-pub mod virtio;
 pub mod vhost_user;
+pub mod virtio;
 pub mod vm;
 pub mod vm_ops;
 
