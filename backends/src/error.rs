@@ -33,8 +33,8 @@ pub enum Error {
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot install the stop signal handler")]
     Signals(#[source] io::Error),
-    #[error("cannot set PR_SET_NO_NEW_PRIVS")]
-    NoNewPrivs(#[source] io::Error),
+    #[error("cannot enter the sandbox")]
+    Sandbox(#[from] cloister_seccomp::Error),
 }
 
 /// `vhost_user_backend::Error` implements `Display` but not `std::error::Error`; this wrapper

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
+pub use cloister_seccomp::SeccompMode;
 
 /// Options shared by all Cloister vhost-user backends.
 #[derive(Debug, Clone, Args)]
@@ -13,25 +14,15 @@ pub struct CommonOptions {
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
 
-    /// Seccomp policy for the sandbox: `true` kills the process on a syscall outside the
-    /// policy, `log` only logs it, `false` installs no filter.
+    /// Seccomp policy for the sandbox: `true` names a system call outside the policy and
+    /// kills the process (SIGSYS), `log` names it and lets it run, `false` installs no filter
+    /// (with a warning). Landlock and the privilege drop apply in every mode.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = SeccompMode::True)]
     pub seccomp: SeccompMode,
 
     /// Messages at this level and above go to stderr.
     #[arg(long, value_enum, value_name = "LEVEL", default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
-}
-
-/// How the sandbox treats a syscall outside the policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SeccompMode {
-    /// Kill the process.
-    True,
-    /// Allow it and log it (for finding a missing rule).
-    Log,
-    /// No seccomp filter at all.
-    False,
 }
 
 /// Verbosity of the stderr log.

@@ -1,41 +1,95 @@
-//! The sandbox step, taken after the device has opened everything it needs and before it
-//! serves a frontend.
+//! The sandbox step, taken after the device has opened everything it needs (image, io_uring
+//! rings, the bound socket) and before it serves a frontend, while the process still has a
+//! single thread: every thread it creates later inherits the confinement, and narrows it.
 //!
-//! For now it only sets `PR_SET_NO_NEW_PRIVS` (which seccomp needs anyway, and which keeps a
-//! compromised backend from gaining privileges through exec). The seccomp filter and Landlock
-//! rules (crate `cloister-seccomp`) plug in here, so every backend gets them from one place.
+//! What a backend writes is a few lines:
+//!
+//! ```no_run
+//! # use cloister_backends::{Sandbox, SeccompMode};
+//! # use cloister_seccomp::{landlock::Rules, ThreadRole};
+//! # fn f(image: &std::path::Path, socket_dir: &std::path::Path) -> Result<(), cloister_backends::Error> {
+//! let rules = Rules::new().read_write_file(image).remove_entries(socket_dir);
+//! Sandbox::new("vhost-user-blk", SeccompMode::True, rules).enter(ThreadRole::BlkMain)?;
+//! // ... and in each worker thread, before it touches a request:
+//! cloister_backends::sandbox::enter_worker(ThreadRole::BlkWorker);
+//! # Ok(()) }
+//! ```
+//!
+//! The policies themselves, and the Landlock and privilege machinery, are in
+//! `cloister-seccomp`.
+
+use std::cell::Cell;
+
+use cloister_seccomp::landlock::{self, Rules};
+use cloister_seccomp::ThreadRole;
 
 use crate::error::Error;
 use crate::options::SeccompMode;
 
 /// How the process will be confined.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Sandbox {
+    name: &'static str,
     seccomp: SeccompMode,
+    rules: Rules,
 }
 
 impl Sandbox {
-    pub fn new(seccomp: SeccompMode) -> Self {
-        Self { seccomp }
+    /// `rules`: what the main thread may still reach on the file system (its threads get
+    /// nothing more).
+    pub fn new(name: &'static str, seccomp: SeccompMode, rules: Rules) -> Self {
+        Self {
+            name,
+            seccomp,
+            rules,
+        }
     }
 
-    /// The seccomp mode the user asked for (stored for the filter that comes later).
+    /// The seccomp mode the user asked for.
     pub fn seccomp(&self) -> SeccompMode {
         self.seccomp
     }
 
-    /// Confines the calling process. Call after set-up, before serving: every later thread
-    /// inherits the restrictions.
-    pub fn enter(&self) -> Result<(), Error> {
-        // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only.
-        let ret = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-        if ret != 0 {
-            return Err(Error::NoNewPrivs(std::io::Error::last_os_error()));
+    /// Confines the calling thread (call it from `main`, before any other thread exists) with
+    /// `role`'s seccomp policy, the Landlock rules and no privileges.
+    pub fn enter(&self, role: ThreadRole) -> Result<(), Error> {
+        cloister_seccomp::init(self.name, self.seccomp)?;
+        let entered = cloister_seccomp::enter(role, &self.rules)?;
+        if let Some(warning) = entered.landlock.warning() {
+            log::warn!("{warning}");
         }
         log::info!(
-            "sandbox: no-new-privs set; seccomp mode {:?} recorded, filter not installed yet",
-            self.seccomp
+            "sandbox: {} system calls allowed ({} policy, --seccomp={}), Landlock {:?}: {}, no capabilities",
+            entered.syscalls,
+            role.name(),
+            self.seccomp.as_arg(),
+            entered.landlock,
+            landlock::describe(&self.rules),
         );
         Ok(())
+    }
+}
+
+thread_local! {
+    static WORKER_ENTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Narrows the calling worker thread to `role` the first time it is called in that thread
+/// (cheap afterwards): call it at the top of the worker's event handler, so the thread is
+/// confined before it handles its first guest request. A worker that cannot narrow its
+/// sandbox stops the daemon: it would otherwise serve the guest with its creator's wider
+/// policy.
+pub fn enter_worker(role: ThreadRole) {
+    if WORKER_ENTERED.with(Cell::get) {
+        return;
+    }
+    WORKER_ENTERED.with(|e| e.set(true));
+    if let Err(e) = cloister_seccomp::enter_thread(role) {
+        log::error!(
+            "cannot confine a {} thread: {}",
+            role.name(),
+            crate::error::chain(&e)
+        );
+        std::process::exit(1);
     }
 }

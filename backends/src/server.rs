@@ -1,7 +1,6 @@
 //! The serve loop: one frontend at a time, a fresh backend per connection, and back to
 //! listening when the frontend goes away.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringEpollHandler};
@@ -42,14 +41,19 @@ pub trait Device {
     fn disconnect(&self, backend: &Self::Backend);
 }
 
-/// Serves `device` on `socket` until `stop` is requested. A frontend that disconnects, or a
-/// connection that fails, is logged, and the daemon listens again.
-pub fn serve<D>(name: &str, socket: &Path, device: &D, stop: &Stop) -> Result<(), Error>
+/// Serves `device` on `listener` until `stop` is requested. A frontend that disconnects, or a
+/// connection that fails, is logged, and the daemon listens again. The socket file is removed
+/// on the way out.
+pub fn serve<D>(
+    name: &str,
+    mut listener: SocketListener,
+    device: &D,
+    stop: &Stop,
+) -> Result<(), Error>
 where
     D: Device,
     <D::Backend as VhostUserBackend>::Vring: Clone + Send + Sync,
 {
-    let mut listener = SocketListener::bind(socket)?;
     log::info!("listening on {}", listener.path().display());
     let mut connections: u64 = 0;
     while listener.wait_for_frontend(stop)? {

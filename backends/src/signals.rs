@@ -37,6 +37,15 @@ impl Stop {
     /// call this first thing in `main`) and starts a thread that turns them into a stop
     /// request. A second signal while stopping exits at once.
     pub fn from_signals(socket_to_remove: Option<std::path::PathBuf>) -> Result<Arc<Self>, Error> {
+        let stop = Self::block_signals()?;
+        stop.listen(socket_to_remove)?;
+        Ok(stop)
+    }
+
+    /// The first half of [`Stop::from_signals`]: blocks SIGTERM and SIGINT in the calling
+    /// thread (call it first thing in `main`). A signal that comes before [`Stop::listen`]
+    /// stays pending and is handled then.
+    pub fn block_signals() -> Result<Arc<Self>, Error> {
         let stop = Self::new().map_err(Error::Signals)?;
         let set = termination_signals();
         // SAFETY: `set` is a valid, initialised signal set; the old mask is not needed.
@@ -44,12 +53,26 @@ impl Stop {
         if ret != 0 {
             return Err(Error::Signals(io::Error::from_raw_os_error(ret)));
         }
-        let thread_stop = Arc::clone(&stop);
+        Ok(stop)
+    }
+
+    /// The second half: starts the thread that receives the blocked signals. Started after
+    /// the sandbox, the thread is confined from its first instruction, and narrows its policy
+    /// to the signal thread's.
+    pub fn listen(
+        self: &Arc<Self>,
+        socket_to_remove: Option<std::path::PathBuf>,
+    ) -> Result<(), Error> {
+        let set = termination_signals();
+        let thread_stop = Arc::clone(self);
         std::thread::Builder::new()
             .name("signals".into())
-            .spawn(move || wait_for_signals(&thread_stop, set, socket_to_remove))
+            .spawn(move || {
+                crate::sandbox::enter_worker(cloister_seccomp::ThreadRole::BackendSignals);
+                wait_for_signals(&thread_stop, set, socket_to_remove)
+            })
             .map_err(Error::Signals)?;
-        Ok(stop)
+        Ok(())
     }
 
     /// Asks the daemon to stop: wakes the listener and shuts the live connection down.

@@ -12,14 +12,15 @@ use vhost::vhost_user::Listener;
 use crate::error::Error;
 use crate::signals::Stop;
 
-/// A bound, listening vhost-user socket; the file is removed on drop.
-pub(crate) struct SocketListener {
+/// A bound, listening vhost-user socket; the file is removed on drop. Bind it before the
+/// sandbox: afterwards the process can no longer create files.
+pub struct SocketListener {
     path: PathBuf,
     listener: Listener,
 }
 
 impl SocketListener {
-    pub(crate) fn bind(path: &Path) -> Result<Self, Error> {
+    pub fn bind(path: &Path) -> Result<Self, Error> {
         remove_stale(path)?;
         let listener = UnixListener::bind(path).map_err(|source| Error::Listen {
             path: path.to_owned(),
@@ -41,7 +42,7 @@ impl SocketListener {
         })
     }
 
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.path
     }
 

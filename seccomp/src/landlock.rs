@@ -95,9 +95,14 @@ impl Rules {
         self.with(file, AccessFs::ReadFile | AccessFs::WriteFile)
     }
 
-    /// List `dir` and remove files (not directories) in it: a socket directory's cleanup.
+    /// Remove files (not directories) in `dir`: a socket directory's cleanup.
     pub fn remove_entries(self, dir: &Path) -> Self {
-        self.with(dir, AccessFs::ReadDir | AccessFs::RemoveFile)
+        self.with(dir, AccessFs::RemoveFile.into())
+    }
+
+    /// List `dir` and the directories beneath it.
+    pub fn read_dir(self, dir: &Path) -> Self {
+        self.with(dir, AccessFs::ReadDir.into())
     }
 
     /// Remove empty directories in `dir` (Landlock checks removal on the parent directory).

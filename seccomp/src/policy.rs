@@ -266,6 +266,9 @@ fn base() -> Vec<Rule> {
     ]
 }
 
+/// glibc's internal signal for broadcasting set*id calls to every thread (`__SIGRTMIN + 1`).
+const SIGSETXID: u64 = 33;
+
 /// Threads that start other threads after entering the sandbox. The new thread runs these
 /// before it can install its own, narrower filter, and then needs the calls that do that.
 fn spawns_threads() -> Vec<Rule> {
@@ -273,6 +276,7 @@ fn spawns_threads() -> Vec<Rule> {
     vec![
         allow_if(SYS_clone, vec![has_bits(0, CLONE_THREAD as u64)], "threads only (CLONE_THREAD): never a new process"),
         refuse(SYS_clone3, ENOSYS, Refusal::Fallback, "glibc then uses clone, whose flags the filter can check (clone3 passes them in memory)"),
+        allow_values(SYS_rt_sigaction, 0, &[SIGSETXID], "glibc installs its set*id broadcast handler when it creates the process's first thread; no other signal"),
         allow(SYS_set_robust_list, "glibc, in each new thread"),
         allow(SYS_rseq, "glibc registers restartable sequences in each new thread"),
         allow(SYS_sched_getaffinity, "glibc, in each new thread"),

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use cloister_backends::server::GuestMemory;
 use cloister_backends::{Device, WorkerExits};
+use cloister_seccomp::ThreadRole;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
@@ -245,6 +246,9 @@ impl VhostUserBackend for Connection {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // Before the first guest request this thread handles: narrow the sandbox it inherited
+        // from the main thread to a queue worker's.
+        cloister_backends::sandbox::enter_worker(ThreadRole::BlkWorker);
         // Errors are logged, never returned: an error ends the worker thread for good, and a
         // guest must not be able to stop its own queue's service that way. For the same
         // reason a panic (a bug) is caught here rather than silently ending the thread.

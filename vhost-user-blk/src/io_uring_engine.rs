@@ -14,6 +14,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use cloister_backends::server::GuestMemory;
+use io_uring::register::Restriction;
 use io_uring::{opcode, squeue, types, IoUring};
 use vm_memory::GuestAddress;
 
@@ -95,6 +96,12 @@ unsafe impl Send for UringEngine {}
 impl UringEngine {
     /// A ring with room for `slots` requests in flight. Created at start-up, before the
     /// sandbox, and reused by every connection.
+    ///
+    /// io_uring operations are not seen by seccomp, so the ring restricts itself
+    /// (IORING_REGISTER_RESTRICTIONS) before it is enabled: it takes only the operations below,
+    /// only on the image's registered descriptors (IOSQE_FIXED_FILE required), and no further
+    /// registration. A compromised worker can read and write its own image through it, and
+    /// nothing else.
     pub fn new(disk: Arc<Disk>, slots: u32) -> io::Result<Self> {
         let ring = IoUring::builder()
             // A request may need several CQEs (one per discard range) and the kernel must
@@ -102,8 +109,22 @@ impl UringEngine {
             .setup_cqsize(slots * 2)
             // Keep going after an SQE fails to prepare; its CQE reports the error.
             .setup_submit_all()
+            // Disabled until restricted.
+            .setup_r_disabled()
             .build(slots)?;
-        ring.submitter().register_files(&disk.fds())?;
+        let submitter = ring.submitter();
+        submitter.register_files(&disk.fds())?;
+        let mut allowed = [
+            Restriction::sqe_op(opcode::Read::CODE),
+            Restriction::sqe_op(opcode::Write::CODE),
+            Restriction::sqe_op(opcode::Readv::CODE),
+            Restriction::sqe_op(opcode::Writev::CODE),
+            Restriction::sqe_op(opcode::Fsync::CODE),
+            Restriction::sqe_op(opcode::Fallocate::CODE),
+            Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()),
+        ];
+        submitter.register_restrictions(&mut allowed)?;
+        submitter.register_enable_rings()?;
         Ok(Self {
             ring,
             disk,

@@ -36,9 +36,12 @@ mod request;
 mod sync_engine;
 mod virtio;
 
+use std::path::Path;
 use std::process::ExitCode;
 
-use cloister_backends::{logging, serve, Sandbox, Stop};
+use cloister_backends::{logging, serve, Sandbox, SocketListener, Stop};
+use cloister_seccomp::landlock::Rules;
+use cloister_seccomp::ThreadRole;
 
 use crate::backend::BlkDevice;
 use crate::config::{Args, Config};
@@ -52,12 +55,37 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), Error> {
     logging::init(NAME, args.common.log_level.into());
-    // First, before any thread exists: every thread inherits the blocked signals.
-    let stop = Stop::from_signals(Some(args.common.socket.clone()))?;
+    // First, while this is the only thread: every thread inherits the blocked signals.
+    let stop = Stop::block_signals()?;
     let config = Config::try_from(&args)?;
-    // Open the image and create the io_uring instances while the process may still do so.
+    // Open the image, create the io_uring instances and bind the socket while the process
+    // may still do so; then confine it, still single-threaded, so that every thread it starts
+    // (signals, vhost-user control, queue workers) starts confined.
     let device = BlkDevice::new(&config)?;
-    Sandbox::new(args.common.seccomp).enter()?;
-    serve(NAME, &args.common.socket, &device, &stop)?;
+    let listener = SocketListener::bind(&args.common.socket)?;
+    Sandbox::new(
+        NAME,
+        args.common.seccomp,
+        sandbox_rules(&config, listener.path()),
+    )
+    .enter(ThreadRole::BlkMain)?;
+    stop.listen(Some(args.common.socket.clone()))?;
+    serve(NAME, listener, &device, &stop)?;
     Ok(())
+}
+
+/// What the daemon may still reach once serving: its image (everything is done through the
+/// descriptors opened at start-up; the rule only names what it is) and its socket's directory,
+/// to remove the socket when it stops. Nothing else; `openat` is refused by seccomp anyway.
+fn sandbox_rules(config: &Config, socket: &Path) -> Rules {
+    let rules = if config.readonly {
+        Rules::new().read_file(&config.image)
+    } else {
+        Rules::new().read_write_file(&config.image)
+    };
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    rules.remove_entries(dir)
 }
