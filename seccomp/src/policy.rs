@@ -309,6 +309,7 @@ fn vmm_main() -> Vec<Rule> {
         allow_values(SYS_ioctl, 1, &[TCGETS, TCSETS], "restores the terminal's settings when the VM ends"),
         allow_values(SYS_ioctl, 1, &[kvm::ioeventfd(), kvm::irqfd(), kvm::set_gsi_routing()], "devices are unwired from KVM as they are dropped (and rewired on a backend reconnect)"),
         allow_values(SYS_tgkill, 2, &[kick], "kicks the vCPU threads out of KVM_RUN with the kick signal, and nothing else"),
+        allow(SYS_getpid, "glibc's pthread_kill asks for the pid it passes to tgkill"),
         allow_values(SYS_kill, 1, &[SIGTERM as u64, SIGKILL as u64], "stops the managed backends' process groups (SIGTERM, then SIGKILL)"),
         allow(SYS_wait4, "reaps the managed backends"),
         allow(SYS_waitid, "reaps the managed backends"),

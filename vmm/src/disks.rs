@@ -16,6 +16,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cloister_seccomp::landlock::Rules;
+use cloister_seccomp::SeccompMode;
 use thiserror::Error;
 
 use crate::config::{DiskConfig, DiskSource, TransportKind};
@@ -126,8 +128,8 @@ impl Disk {
         }
     }
 
-    /// Arguments for a managed vhost-user-blk.
-    fn backend_args(&self) -> Vec<OsString> {
+    /// Arguments for a managed vhost-user-blk; it gets our `--seccomp` mode.
+    fn backend_args(&self, seccomp: SeccompMode) -> Vec<OsString> {
         let DiskSource::Managed {
             path,
             readonly,
@@ -148,6 +150,7 @@ impl Disk {
             format!("--queue-size={}", self.cfg.queue_size).into(),
             // Its start-up and connection chatter is not the VM's business; warnings are.
             "--log-level=warn".into(),
+            format!("--seccomp={}", seccomp.as_arg()).into(),
         ];
         if *readonly {
             args.push("--readonly".into());
@@ -166,12 +169,13 @@ pub struct Disks {
     disks: Vec<Disk>,
     /// Dropped after `disks` (field order), so processes are stopped before their sockets'
     /// directory goes.
-    _runtime_dir: Option<RuntimeDir>,
+    runtime_dir: Option<RuntimeDir>,
 }
 
 impl Disks {
-    /// Starts the backend of every managed disk. Disks are named disk0, disk1, ... in order.
-    pub fn launch(cfgs: &[DiskConfig]) -> Result<Self, DisksError> {
+    /// Starts the backend of every managed disk, with our `--seccomp` mode. Disks are named
+    /// disk0, disk1, ... in order.
+    pub fn launch(cfgs: &[DiskConfig], seccomp: SeccompMode) -> Result<Self, DisksError> {
         let mut runtime_dir: Option<RuntimeDir> = None;
         let mut program: Option<PathBuf> = None;
         let mut disks = Vec::with_capacity(cfgs.len());
@@ -208,17 +212,42 @@ impl Disks {
                             .map_err(DisksError::Program)?,
                     ),
                 };
-                let p = ManagedProcess::spawn(path, &disk.backend_args())
+                let p = ManagedProcess::spawn(path, &disk.backend_args(seccomp))
                     .map_err(|e| DisksError::Spawn(disk.name.clone(), e))?;
                 disk.process = Some(p);
                 disk.process_watched = true;
             }
             disks.push(disk);
         }
-        Ok(Disks {
-            disks,
-            _runtime_dir: runtime_dir,
-        })
+        Ok(Disks { disks, runtime_dir })
+    }
+
+    /// What the main thread may still reach once the VM runs: the backends' sockets (to
+    /// reconnect; enforced from Landlock ABI 9), and the runtime directory, to remove it at
+    /// exit; in its parent, only removing the (by then empty) directory itself. Signals to
+    /// processes outside the domain stay allowed: the backends must be stopped.
+    pub fn landlock_rules(&self) -> Rules {
+        let mut rules = Rules::new().allow_signals_outside();
+        if let Some(dir) = &self.runtime_dir {
+            rules = rules
+                .read_dir(dir.path())
+                .remove_entries(dir.path())
+                .connect_unix(dir.path());
+            if let Some(parent) = dir.path().parent() {
+                rules = rules.remove_subdirectories(parent);
+            }
+        }
+        for disk in &self.disks {
+            if matches!(disk.cfg.source, DiskSource::Socket(_)) {
+                // The directory: a restarted backend makes a new socket file (a new inode).
+                let dir = disk
+                    .socket_path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty());
+                rules = rules.connect_unix(dir.unwrap_or(&disk.socket_path));
+            }
+        }
+        rules
     }
 
     /// Connects to every backend and plugs its device in. Returns the virtio-mmio slots used,

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use cloister_seccomp::ThreadRole;
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
@@ -63,6 +64,8 @@ pub enum VmError {
     Signal(&'static str, #[source] vmm_sys_util::errno::Error),
     #[error(transparent)]
     Disks(#[from] DisksError),
+    #[error("cannot enter the sandbox")]
+    Sandbox(#[from] cloister_seccomp::Error),
 }
 
 /// A VM ready to run: memory loaded, devices attached, vCPUs configured.
@@ -127,7 +130,10 @@ impl Vm {
         }
         // Every option is checked now; the disks' backends start while we build the VM.
         cfg.check_files()?;
-        let mut disks = Disks::launch(&cfg.disks).map_err(VmError::from)?;
+        // Before any thread exists (the vhost-user watchdogs start when the disks attach):
+        // the SIGSYS reporter and the mode every thread will be confined with.
+        cloister_seccomp::init("cloister", cfg.seccomp).map_err(VmError::from)?;
+        let mut disks = Disks::launch(&cfg.disks, cfg.seccomp).map_err(VmError::from)?;
         let vm_fd = Arc::new(
             kvm.create_vm()
                 .map_err(|e| VmError::Kvm("create the VM", e))?,
@@ -299,6 +305,14 @@ impl Vm {
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
                     let exit = ctx.exit.clone();
+                    // Confined before its first KVM_RUN, so before any guest input.
+                    if let Err(e) = cloister_seccomp::enter_thread(ThreadRole::VmmVcpu) {
+                        exit.request(ExitReason::VcpuFailure {
+                            vcpu: index,
+                            detail: format!("cannot enter its sandbox: {}", crate::error_chain(&e)),
+                        });
+                        return;
+                    }
                     let r =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run(ctx)));
                     if r.is_err() {
@@ -317,8 +331,12 @@ impl Vm {
             }
         }
 
+        // The VM is built, the backends connected and the vCPUs started (they confine
+        // themselves): now this thread, before it reads stdin or a backend's socket.
         let result = match spawn_error {
-            None => self.wait_for_exit(&signals),
+            None => self
+                .enter_sandbox()
+                .and_then(|()| self.wait_for_exit(&signals)),
             Some(e) => Err(VmError::Io("start a vCPU thread", e)),
         };
 
@@ -332,6 +350,16 @@ impl Vm {
         }
         self.disks.shutdown();
         result
+    }
+
+    /// Confines the main thread: the vmm-main seccomp policy, Landlock access to the backends'
+    /// sockets and the runtime directory only, no capabilities.
+    fn enter_sandbox(&self) -> Result<(), VmError> {
+        let entered = cloister_seccomp::enter(ThreadRole::VmmMain, &self.disks.landlock_rules())?;
+        if let Some(warning) = entered.landlock.warning() {
+            eprintln!("cloister: warning: {warning}");
+        }
+        Ok(())
     }
 
     /// The main thread's loop: waits for an exit request or a signal, and pumps stdin into

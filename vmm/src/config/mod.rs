@@ -15,6 +15,7 @@ use std::io;
 use std::path::PathBuf;
 
 use clap::Parser;
+pub use cloister_seccomp::SeccompMode;
 use thiserror::Error;
 
 pub use cpus::{CpusConfig, CpusError};
@@ -73,6 +74,13 @@ pub struct Cli {
     /// transport=pci|mmio (default pci).
     #[arg(long, value_name = "path=FILE|socket=PATH[,...]")]
     pub disk: Vec<String>,
+
+    /// Seccomp filtering of cloister's threads, and of the backends it starts: "true" names
+    /// a system call outside a thread's policy and kills the process (SIGSYS), "log" names it
+    /// and lets it run, "false" installs no filter (with a warning). Landlock and dropping
+    /// privileges apply in every mode.
+    #[arg(long, value_enum, value_name = "true|log|false", default_value_t = SeccompMode::True)]
+    pub seccomp: SeccompMode,
 }
 
 /// A user error: names the option and the value, and says what is wrong.
@@ -148,6 +156,7 @@ pub struct VmConfig {
     pub memory: MemoryConfig,
     pub serial: SerialConfig,
     pub disks: Vec<DiskConfig>,
+    pub seccomp: SeccompMode,
 }
 
 /// PCI bus 0 has 31 free slots (the host bridge is 00.0).
@@ -183,6 +192,7 @@ impl VmConfig {
             memory,
             serial,
             disks,
+            seccomp: cli.seccomp,
         })
     }
 
@@ -254,6 +264,10 @@ mod tests {
         assert_eq!(cfg.serial, SerialConfig::Tty);
         assert_eq!(cfg.cmdline, DEFAULT_CMDLINE);
         assert_eq!(cfg.initramfs, None);
+        assert_eq!(cfg.seccomp, SeccompMode::True);
+        let cfg = VmConfig::from_cli(&cli(&["--seccomp", "log"]), 24 << 30).unwrap();
+        assert_eq!(cfg.seccomp, SeccompMode::Log);
+        assert!(Cli::try_parse_from(["cloister", "--kernel", "/k", "--seccomp", "maybe"]).is_err());
     }
 
     #[test]

@@ -61,13 +61,18 @@ impl ManagedProcess {
     /// Starts `program` with `args`: an empty environment, stdin and stdout on /dev/null,
     /// stderr shared with us (its log lines are useful next to ours), its own process group
     /// (terminal signals meant for us do not reach it; we stop it ourselves, in order), no
-    /// descriptor of ours beyond stdio, and SIGTERM when we die.
+    /// descriptor of ours beyond stdio, SIGTERM when we die, and its own mount and network
+    /// namespaces (no network at all: a backend talks to us over a named unix socket, which
+    /// works across network namespaces) and, unless we are root, its own user namespace (see
+    /// [`private_namespaces`]). Where the host refuses namespaces, a warning says so and the
+    /// backend starts without them.
     ///
     /// Must be called from the main thread: PR_SET_PDEATHSIG fires when the *thread* that
     /// forked the child exits, and the main thread lives as long as the process.
     pub fn spawn(program: &Path, args: &[OsString]) -> Result<Self, ProcessError> {
         // SAFETY: getpid cannot fail.
         let parent = unsafe { libc::getpid() };
+        let maps = IdMaps::ours();
         let mut cmd = Command::new(program);
         cmd.args(args)
             .env_clear()
@@ -76,9 +81,12 @@ impl ManagedProcess {
             .stderr(Stdio::inherit())
             .process_group(0);
         // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-        // system calls (prctl, getppid, close_range, fcntl).
+        // system calls (unshare, open, write, close, prctl, getppid, close_range, fcntl) on
+        // memory prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
+                private_namespaces(&maps)?;
+                // After unshare, which may change credentials: set it last.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -162,6 +170,111 @@ impl Drop for ManagedProcess {
     fn drop(&mut self) {
         self.stop(STOP_GRACE);
     }
+}
+
+/// The contents of `/proc/self/{uid,gid}_map` for a user namespace that maps only our own
+/// user and group, to themselves; formatted before the fork.
+struct IdMaps {
+    root: bool,
+    uid: [u8; 32],
+    uid_len: usize,
+    gid: [u8; 32],
+    gid_len: usize,
+}
+
+impl IdMaps {
+    fn ours() -> Self {
+        // SAFETY: geteuid and getegid cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let mut maps = IdMaps {
+            root: uid == 0,
+            uid: [0; 32],
+            uid_len: 0,
+            gid: [0; 32],
+            gid_len: 0,
+        };
+        let line = |id: u32, buf: &mut [u8; 32]| {
+            let text = format!("{id} {id} 1\n");
+            buf[..text.len()].copy_from_slice(text.as_bytes());
+            text.len()
+        };
+        maps.uid_len = line(uid, &mut maps.uid);
+        maps.gid_len = line(gid, &mut maps.gid);
+        maps
+    }
+}
+
+/// In the child, between fork and exec: new mount and network namespaces and, for a
+/// non-root user, a new user namespace mapping only that user and group to themselves, so the
+/// backend opens its image with exactly the permissions it had (its ids are the same) and
+/// holds no capability outside its namespace. Root gets no user namespace: its backend
+/// opens images root owns or may override, then drops every capability itself; inside a user
+/// namespace it could no longer open images of other users.
+///
+/// A host that refuses namespaces (a container, `user.max_user_namespaces=0`) gets a warning
+/// and a backend without them; a map that cannot be written after the user namespace exists
+/// is an error (the backend could not create its socket).
+fn private_namespaces(maps: &IdMaps) -> io::Result<()> {
+    let user = if maps.root { 0 } else { libc::CLONE_NEWUSER };
+    // SAFETY: unshare with flags only.
+    if unsafe { libc::unshare(user | libc::CLONE_NEWNS | libc::CLONE_NEWNET) } != 0 {
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        warn_no_namespaces(errno);
+        return Ok(());
+    }
+    if user != 0 {
+        write_proc(c"/proc/self/setgroups", b"deny")?;
+        write_proc(c"/proc/self/uid_map", &maps.uid[..maps.uid_len])?;
+        write_proc(c"/proc/self/gid_map", &maps.gid[..maps.gid_len])?;
+    }
+    Ok(())
+}
+
+/// open, write, close: async-signal-safe.
+fn write_proc(path: &std::ffi::CStr, bytes: &[u8]) -> io::Result<()> {
+    // SAFETY: a NUL-terminated path and a buffer of `bytes.len()` bytes.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+        let error = io::Error::last_os_error();
+        libc::close(fd);
+        if n != bytes.len() as isize {
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// One line on stderr, formatted without allocating (we are between fork and exec).
+fn warn_no_namespaces(errno: i32) {
+    let mut line = [0u8; 160];
+    let prefix: &[u8] =
+        b"cloister: warning: cannot give a backend its own namespaces (unshare: errno ";
+    let mut len = prefix.len();
+    line[..len].copy_from_slice(prefix);
+    let mut digits = [0u8; 10];
+    let mut n = errno.unsigned_abs();
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        line[len] = d;
+        len += 1;
+    }
+    let suffix: &[u8] = b"); it shares cloister's network\n";
+    line[len..len + suffix.len()].copy_from_slice(suffix);
+    len += suffix.len();
+    // SAFETY: write(2) of our own buffer; nothing to do if stderr is gone.
+    unsafe { libc::write(2, line.as_ptr().cast(), len) };
 }
 
 /// "status 1", "signal 9 (SIGKILL)".
@@ -249,6 +362,33 @@ mod tests {
         ));
         let s = p.wait_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(s.code(), Some(0));
+    }
+
+    #[test]
+    fn backends_get_their_own_namespaces() {
+        // Exit 0 only if the child's network and mount namespaces differ from ours.
+        let ours = |ns: &str| std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let net = ours("net");
+        let mnt = ours("mnt");
+        let user = ours("user");
+        let mut p = sh(&format!(
+            "[ \"$(readlink /proc/self/ns/net)\" != '{}' ] && [ \"$(readlink /proc/self/ns/mnt)\" != '{}' ] && exit 0; exit 1",
+            net.display(),
+            mnt.display()
+        ));
+        let s = p.wait_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(s.code(), Some(0));
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            // A user namespace in which we are still ourselves.
+            let mut p = sh(&format!(
+                "[ \"$(readlink /proc/self/ns/user)\" != '{}' ] && [ \"$(id -u)\" = {} ] && exit 0; exit 1",
+                user.display(),
+                unsafe { libc::geteuid() }
+            ));
+            let s = p.wait_timeout(Duration::from_secs(10)).unwrap();
+            assert_eq!(s.code(), Some(0));
+        }
     }
 
     #[test]
