@@ -24,3 +24,21 @@ run() {
     mark "$name.rc" "$rc"
     return "$rc"
 }
+
+# wait_socket PATH: until a UNIX socket appears at PATH, for at most 10 s.
+wait_socket() {
+    i=0
+    while [ ! -S "$1" ] && [ "$i" -lt 100 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    [ -S "$1" ]
+}
+
+# mark_image_sums DEV FILE: marks img.DEV.OFF = the sha256 of the 2 MiB at each MiB offset the
+# guest's blk test writes (0, 5, 37), as the host sees FILE.
+mark_image_sums() {
+    for off in 0 5 37; do
+        mark "img.$1.$off" "$(dd if="$2" bs=1M skip="$off" count=2 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    done
+}
