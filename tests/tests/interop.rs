@@ -53,7 +53,7 @@ fn scenarios() -> Vec<Scenario> {
                 -nodefaults -no-reboot -nographic -serial stdio \
                 -global virtio-mmio.force-legacy=false \
                 -chardev "socket,id=blk0,path=$RESULTS_DIR/ours.sock" \
-                -device vhost-user-blk-device,chardev=blk0 \
+                -device vhost-user-blk,chardev=blk0 \
                 -kernel "$GUEST_DIR/bzImage" -initrd "$GUEST_DIR/initramfs.cpio" \
                 -append "$(guest_cmdline blk)"
             mark_image_sums vda "$img"
