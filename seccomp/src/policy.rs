@@ -496,6 +496,14 @@ mod tests {
         }
     }
 
+    /// The sizes quoted in docs/threat-model.md (`-- --nocapture policy_sizes` prints them).
+    #[test]
+    fn policy_sizes() {
+        for role in ThreadRole::ALL {
+            println!("{}: {} system calls", role.name(), role.allowed_count());
+        }
+    }
+
     #[test]
     fn kvm_ioctl_numbers() {
         // As strace prints them.
