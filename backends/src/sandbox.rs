@@ -59,11 +59,11 @@ impl Sandbox {
             log::warn!("{warning}");
         }
         log::info!(
-            "sandbox: {} system calls allowed ({} policy, --seccomp={}), Landlock {:?}: {}, no capabilities",
+            "sandbox: {} system calls allowed ({} policy, --seccomp={}); {}: {}; no capabilities",
             entered.syscalls,
             role.name(),
             self.seccomp.as_arg(),
-            entered.landlock,
+            entered.landlock.describe(),
             landlock::describe(&self.rules),
         );
         Ok(())

@@ -47,6 +47,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// For the log: "Landlock fully enforced".
+    pub fn describe(self) -> &'static str {
+        match self {
+            Outcome::Full => "Landlock fully enforced",
+            Outcome::Partial => "Landlock enforced as far as this kernel's ABI goes",
+            Outcome::None => "Landlock not enforced",
+        }
+    }
+
     /// A warning for the log, if the file system is less restricted than asked.
     pub fn warning(self) -> Option<&'static str> {
         match self {
@@ -154,16 +163,20 @@ impl Rules {
     }
 }
 
-/// A short description of `rules`, for the log: "image rw, /run/x (dir: remove files)".
+/// A short description of `rules`, for the log: "/img (ReadFile|WriteFile), /run/x (RemoveFile)".
 pub fn describe(rules: &Rules) -> String {
-    let mut parts: Vec<String> = rules
+    let parts: Vec<String> = rules
         .paths()
-        .map(|(path, access)| format!("{} ({access:?})", path.display()))
+        .map(|(path, access)| {
+            let names: Vec<String> = access.iter().map(|a| format!("{a:?}")).collect();
+            format!("{} ({})", path.display(), names.join("|"))
+        })
         .collect();
     if parts.is_empty() {
-        parts.push("no file system access".into());
+        "no file system access".into()
+    } else {
+        parts.join(", ")
     }
-    parts.join(", ")
 }
 
 #[cfg(test)]
