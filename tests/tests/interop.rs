@@ -47,15 +47,13 @@ fn scenarios() -> Vec<Scenario> {
                 >"$RESULTS_DIR/backend.log" 2>&1 &
             backend=$!
             wait_socket "$RESULTS_DIR/ours.sock" || cat "$RESULTS_DIR/backend.log"
-            # vhost-user has no message for the backend's largest ring: QEMU is told (our default
-            # is 256 entries; on virtio-mmio QEMU would otherwise let the guest ask for 1024).
-            run qemu qemu-system-x86_64 -accel kvm -cpu host \
-                -M microvm,pit=off,pic=off,rtc=on,memory-backend=mem \
+            # vhost-user has no message for the backend's largest ring, so QEMU is told (our
+            # default is 256 entries).
+            run qemu qemu-system-x86_64 -accel kvm -cpu host -M q35,memory-backend=mem \
                 -object memory-backend-memfd,id=mem,size=512M,share=on -m 512M -smp 1 \
                 -nodefaults -no-reboot -nographic -serial stdio \
-                -global virtio-mmio.force-legacy=false \
                 -chardev "socket,id=blk0,path=$RESULTS_DIR/ours.sock" \
-                -device vhost-user-blk,chardev=blk0,queue-size=256 \
+                -device vhost-user-blk-pci,chardev=blk0,queue-size=256 \
                 -kernel "$GUEST_DIR/bzImage" -initrd "$GUEST_DIR/initramfs.cpio" \
                 -append "$(guest_cmdline blk)"
             mark_image_sums vda "$img"
