@@ -87,10 +87,14 @@ fn expect_round_trip(outcome: &ScenarioOutcome) {
         let written = outcome.field(&tag, "written");
         let read = outcome.field(&tag, "read");
         if written.is_none() || written != read {
-            outcome.fail(&format!("at {off} MiB the guest wrote {written:?}, read {read:?}"));
+            outcome.fail(&format!(
+                "at {off} MiB the guest wrote {written:?}, read {read:?}"
+            ));
         }
         if outcome.mark(&format!("img.vda.{off}")) != written {
-            outcome.fail(&format!("at {off} MiB the image does not hold what the guest wrote"));
+            outcome.fail(&format!(
+                "at {off} MiB the image does not hold what the guest wrote"
+            ));
         }
     }
 }
@@ -105,7 +109,9 @@ fn cloister_drives_qemu_storage_daemon() {
 #[test]
 fn qemu_drives_our_vhost_user_blk() {
     let outcome = LAB.scenario("qemu-drives-ours");
-    outcome.expect_mark("qemu.rc", "0").expect_mark("backend.rc", "0");
+    outcome
+        .expect_mark("qemu.rc", "0")
+        .expect_mark("backend.rc", "0");
     expect_round_trip(outcome);
 }
 
