@@ -318,7 +318,7 @@ fn vmm_main() -> Vec<Rule> {
         allow(SYS_sendmsg, "vhost-user requests (with descriptors) on a reconnect or a reset"),
         allow(SYS_recvmsg, "vhost-user replies"),
         allow(SYS_shutdown, "closes a backend connection that went bad"),
-        allow(SYS_openat, "removes the runtime directory at exit (Landlock limits it to that directory)"),
+        allow_if(SYS_openat, vec![has_bits(2, O_DIRECTORY as u64)], "opens the runtime directory to remove it at exit: directories only (O_DIRECTORY), and Landlock limits them to that one"),
         allow(SYS_getdents64, "lists the runtime directory to remove it"),
         allow(SYS_unlinkat, "removes the runtime directory and the sockets left in it"),
         allow(SYS_newfstatat, "std checks file types while removing the runtime directory"),
