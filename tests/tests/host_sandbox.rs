@@ -236,6 +236,13 @@ fn every_thread_of_cloister_and_of_a_managed_backend_is_confined() {
     });
     let backend = pid_mentioning(&image.display().to_string(), vm_pid).expect("backend process");
     let backend_status = PathBuf::from(format!("/proc/{backend}/status"));
+    // cloister passed its mode on.
+    let cmdline = std::fs::read(format!("/proc/{backend}/cmdline")).expect("cmdline");
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("--seccomp=true"),
+        "{}",
+        String::from_utf8_lossy(&cmdline)
+    );
 
     // Every thread of both processes: filtered (mode 2), no new privileges, no capabilities.
     for (name, pid) in [("cloister", vm_pid), ("vhost-user-blk", backend)] {
