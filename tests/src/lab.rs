@@ -9,13 +9,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::artifacts::{repo_root, Artifacts, Needs};
-use crate::outcome::LabRun;
+use crate::outcome::{LabRun, BEGIN};
 use crate::scenario::Scenario;
+use crate::watchdog::{Progress, Stall};
 use crate::{binaries, HarnessError};
 
 /// Where the scenarios run.
@@ -91,7 +92,10 @@ const LAB_END: &str = "@@CLOISTER-LAB-END@@";
 /// Boot time allowed on top of the scenarios' own timeouts.
 const LAB_BOOT_ALLOWANCE: Duration = Duration::from_secs(180);
 
-/// Runs the scenarios in one lab boot (or on the host in direct mode), in order.
+/// Runs the scenarios in one lab boot (or on the host in direct mode), in order. Should the lab
+/// itself stop responding (the emulator or its kernel froze: no end marker long after a
+/// scenario's own timeout), it is booted once more for the scenarios that had not finished,
+/// and the console says so.
 pub fn run(
     run_name: &str,
     scenarios: &[Scenario],
@@ -108,28 +112,105 @@ pub fn run(
     if work.exists() {
         fs::remove_dir_all(&work).map_err(|e| HarnessError::Io(work.clone(), e))?;
     }
-    let payload = work.join("payload");
-    write_payload(&payload, scenarios)?;
-    let limit = scenarios.iter().map(|s| s.timeout).sum::<Duration>() + LAB_BOOT_ALLOWANCE;
-
     println!(
         "lab: running {} scenario(s) ({mode:?} mode)",
         scenarios.len()
     );
     let started = Instant::now();
-    let (console, problem, results_root) = match mode {
+    let first = boot(mode, &artifacts, &work, scenarios, options)?;
+    let results_root = first.results_root.clone();
+    let (console, problem) = match (&first.stall, mode) {
+        (Some(stall), Mode::Emulated) => {
+            let left: Vec<Scenario> = scenarios
+                .iter()
+                .filter(|s| !first.finished.contains(&s.name))
+                .cloned()
+                .collect();
+            let notice = format!(
+                "lab: THE LAB STOPPED RESPONDING {stall}; booting it once more for the {} \
+                 scenario(s) left",
+                left.len()
+            );
+            println!("{notice}");
+            let retry_dir = work.join("retry");
+            let retry = boot(mode, &artifacts, &retry_dir, &left, options)?;
+            for scenario in &left {
+                let from = retry.results_root.join(&scenario.name);
+                let to = results_root.join(&scenario.name);
+                if to.exists() {
+                    fs::remove_dir_all(&to).map_err(|e| HarnessError::Io(to.clone(), e))?;
+                }
+                if from.exists() {
+                    fs::rename(&from, &to).map_err(|e| HarnessError::Io(from.clone(), e))?;
+                }
+            }
+            // The first boot's console up to the first unfinished scenario, then the second's.
+            let mut console = match left.first() {
+                Some(s) => cut_before_scenario(&first.console, &s.name),
+                None => first.console.clone(),
+            };
+            console.push('\n');
+            console.push_str(&notice);
+            console.push('\n');
+            console.push_str(&retry.console);
+            let problem = retry
+                .problem
+                .map(|p| format!("{p} (in the second boot; the first stopped responding {stall})"));
+            (console, problem)
+        }
+        _ => (first.console, first.problem),
+    };
+    println!("lab: done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(LabRun::parse(console, results_root, problem))
+}
+
+/// What one lab boot left.
+struct Boot {
+    console: String,
+    /// Why it ended early, if it did.
+    problem: Option<String>,
+    /// Set when the lab stopped responding and was killed.
+    stall: Option<Stall>,
+    /// Scenarios whose end marker came.
+    finished: Vec<String>,
+    results_root: PathBuf,
+}
+
+fn boot(
+    mode: Mode,
+    artifacts: &Artifacts,
+    work: &Path,
+    scenarios: &[Scenario],
+    options: &LabOptions,
+) -> Result<Boot, HarnessError> {
+    let payload = work.join("payload");
+    write_payload(&payload, scenarios)?;
+    let progress = Progress::new(scenarios, LAB_BOOT_ALLOWANCE);
+    match mode {
         Mode::Emulated => {
             let image = work.join("payload.ext4");
             make_ext4(&payload, &image, "cloister-payload", options.payload_mib)?;
-            let mut command = lab_command(&artifacts, &image, options)?;
-            let (console, mut problem) = supervise(&mut command, limit)?;
-            if problem.is_none() && !console.contains(LAB_END) {
-                problem = Some("the lab stopped before finishing its scenarios".into());
+            let monitor = Monitor::new();
+            let mut command = lab_command(artifacts, &image, &monitor, options)?;
+            let mut supervised = supervise(&mut command, &progress, || monitor.dump())?;
+            if supervised.problem.is_none() && !supervised.console.contains(LAB_END) {
+                supervised.problem = Some("the lab stopped before finishing its scenarios".into());
             }
             // The payload disk holds what the scenarios left; copy it out without mounting.
-            let results = work.join("results");
-            extract_results(&image, &work)?;
-            (console, problem, results)
+            // After a killed lab it may be beyond reading: the console still tells why.
+            if let Err(e) = extract_results(&image, work) {
+                match &supervised.problem {
+                    None => return Err(e),
+                    Some(_) => println!("lab: cannot read the results back: {e}"),
+                }
+            }
+            Ok(Boot {
+                console: supervised.console,
+                problem: supervised.problem,
+                stall: supervised.stall,
+                finished: progress.finished(),
+                results_root: work.join("results"),
+            })
         }
         Mode::Direct => {
             let mut command = Command::new("sh");
@@ -139,12 +220,25 @@ pub fn run(
             if let Some(rootfs) = &artifacts.rootfs_dir {
                 command.env("ROOTFS_IMAGE", rootfs.join("debian.ext4"));
             }
-            let (console, problem) = supervise(&mut command, limit)?;
-            (console, problem, payload.join("results"))
+            let supervised = supervise(&mut command, &progress, || {})?;
+            Ok(Boot {
+                console: supervised.console,
+                problem: supervised.problem,
+                stall: supervised.stall,
+                finished: progress.finished(),
+                results_root: payload.join("results"),
+            })
         }
-    };
-    println!("lab: done in {:.1} s", started.elapsed().as_secs_f64());
-    Ok(LabRun::parse(console, results_root, problem))
+    }
+}
+
+/// `console` up to the line that begins scenario `name` (all of it if that never began).
+fn cut_before_scenario(console: &str, name: &str) -> String {
+    let begin = format!("{BEGIN}{name}@@");
+    match console.find(&begin) {
+        Some(at) => console[..console[..at].rfind('\n').map_or(0, |nl| nl + 1)].to_string(),
+        None => console.to_string(),
+    }
 }
 
 fn lock_labs() -> Result<fs::File, HarnessError> {
@@ -288,6 +382,7 @@ fn host_tsc_khz() -> Option<u64> {
 fn lab_command(
     artifacts: &Artifacts,
     payload: &Path,
+    monitor: &Monitor,
     options: &LabOptions,
 ) -> Result<Command, HarnessError> {
     let lab = artifacts
@@ -312,6 +407,7 @@ fn lab_command(
             "-serial",
             "stdio",
         ])
+        .args(["-monitor", &monitor.qemu_arg()])
         .arg("-kernel")
         .arg(lab.join("bzImage"))
         .arg("-initrd")
@@ -346,12 +442,21 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), HarnessError> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Runs `command` with stdout and stderr on one stream that is echoed line by line as it comes
-/// and collected; kills its whole process group after `limit`.
+/// What a supervised command printed, and how it ended.
+struct Supervised {
+    console: String,
+    problem: Option<String>,
+    stall: Option<Stall>,
+}
+
+/// Runs `command` with stdout and stderr on one stream that is echoed line by line as it comes,
+/// collected, and followed by `progress`; when `progress` finds the next marker overdue, calls
+/// `on_stall` (for diagnostics) and kills the command's whole process group.
 fn supervise(
     command: &mut Command,
-    limit: Duration,
-) -> Result<(String, Option<String>), HarnessError> {
+    progress: &Progress,
+    on_stall: impl FnOnce(),
+) -> Result<Supervised, HarnessError> {
     let (reader, writer) = pipe()?;
     let writer2 = writer
         .try_clone()
@@ -367,51 +472,122 @@ fn supervise(
     // Drop our copies of the write end (the Command holds them) so EOF comes when the child ends.
     drop(std::mem::replace(command, Command::new("true")));
 
-    let console = Arc::new(Mutex::new(String::new()));
-    let sink = Arc::clone(&console);
-    let echo = thread::spawn(move || {
-        let mut lines = BufReader::new(fs::File::from(reader));
-        let mut raw = Vec::new();
-        while let Ok(n) = lines.read_until(b'\n', &mut raw) {
-            if n == 0 {
-                break;
-            }
-            let line = String::from_utf8_lossy(&raw);
-            let line = line.trim_end_matches(['\n', '\r']);
-            println!("| {line}");
-            if let Ok(mut text) = sink.lock() {
-                text.push_str(line);
-                text.push('\n');
-            }
-            raw.clear();
-        }
-    });
-
-    let deadline = Instant::now() + limit;
+    let console = Mutex::new(String::new());
     let mut problem = None;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                if !status.success() {
-                    problem = Some(format!("{program} exited with {status}"));
+    let mut stall = None;
+    thread::scope(|scope| -> Result<(), HarnessError> {
+        let echo = scope.spawn(|| {
+            let mut lines = BufReader::new(fs::File::from(reader));
+            let mut raw = Vec::new();
+            while let Ok(n) = lines.read_until(b'\n', &mut raw) {
+                if n == 0 {
+                    break;
                 }
-                break;
+                let line = String::from_utf8_lossy(&raw);
+                let line = line.trim_end_matches(['\n', '\r']);
+                println!("| {line}");
+                progress.observe(line);
+                if let Ok(mut text) = console.lock() {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+                raw.clear();
             }
-            Ok(None) if Instant::now() >= deadline => {
-                problem = Some(format!("{program} killed after {} s", limit.as_secs()));
-                // SAFETY: signals the process group we created for the child.
-                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-                let _ = child.wait();
-                break;
+        });
+        let mut on_stall = Some(on_stall);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    if !status.success() {
+                        problem = Some(format!("{program} exited with {status}"));
+                    }
+                    break;
+                }
+                Ok(None) => {
+                    if let Some(overdue) = progress.overdue() {
+                        problem = Some(format!("the lab stopped responding {overdue}"));
+                        println!("lab: {program} stopped responding {overdue}; killing it");
+                        if let Some(dump) = on_stall.take() {
+                            dump();
+                        }
+                        stall = Some(overdue);
+                        // SAFETY: signals the process group we created for the child.
+                        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                        let _ = child.wait();
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(HarnessError::Spawn(program.clone(), e)),
             }
-            Ok(None) => thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(HarnessError::Spawn(program, e)),
+        }
+        // Stragglers of the group (direct mode) would keep the pipe open.
+        // SAFETY: as above; the group may already be gone.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        let _ = echo.join();
+        Ok(())
+    })?;
+    let console = console.into_inner().unwrap_or_default();
+    Ok(Supervised {
+        console,
+        problem,
+        stall,
+    })
+}
+
+/// The lab QEMU's human monitor on a UNIX socket, read only when the lab stops responding: where
+/// its vCPUs are tells an emulator hang from a guest kernel one.
+struct Monitor {
+    path: PathBuf,
+}
+
+impl Monitor {
+    fn new() -> Self {
+        Monitor {
+            path: std::env::temp_dir().join(format!("cloister-lab-{}.monitor", std::process::id())),
         }
     }
-    // Stragglers of the group (direct mode) would keep the pipe open.
-    // SAFETY: as above; the group may already be gone.
-    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-    let _ = echo.join();
-    let text = console.lock().map(|t| t.clone()).unwrap_or_default();
-    Ok((text, problem))
+
+    fn qemu_arg(&self) -> String {
+        format!("unix:{},server=on,wait=off", self.path.display())
+    }
+
+    /// Prints QEMU's view of the lab's state; best effort, bounded in time.
+    fn dump(&self) {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        let Ok(mut stream) = UnixStream::connect(&self.path) else {
+            println!(
+                "lab: the QEMU monitor at {} does not answer",
+                self.path.display()
+            );
+            return;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = stream.write_all(b"info status\ninfo cpus\ninfo registers -a\ninfo irq\n");
+        let mut text = Vec::new();
+        let mut buf = [0u8; 8192];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => text.extend_from_slice(&buf[..n]),
+            }
+        }
+        println!("lab: --- QEMU monitor ---");
+        // The monitor echoes each command with line-editing escapes; the vector registers
+        // say nothing about a hang.
+        let noise = ["(qemu)", "FPR", "YMM", "XMM", "FCW="];
+        for line in String::from_utf8_lossy(&text).lines() {
+            if !noise.iter().any(|n| line.starts_with(n)) {
+                println!("lab| {}", line.trim_end_matches('\r'));
+            }
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
 }

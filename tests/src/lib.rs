@@ -21,6 +21,7 @@ pub mod outcome;
 pub mod payload;
 pub mod scenario;
 pub mod shared;
+pub mod watchdog;
 
 use std::path::PathBuf;
 

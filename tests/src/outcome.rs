@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-const BEGIN: &str = "@@CLOISTER-SCENARIO-BEGIN ";
-const END: &str = "@@CLOISTER-SCENARIO-END ";
+pub(crate) const BEGIN: &str = "@@CLOISTER-SCENARIO-BEGIN ";
+pub(crate) const END: &str = "@@CLOISTER-SCENARIO-END ";
 const MARK: &str = "@@CLOISTER-MARK ";
 
 #[derive(Debug, Clone)]
@@ -92,7 +92,7 @@ impl LabRun {
 
 /// The text after `prefix` on a marker line, without the closing `@@`. Markers may follow other
 /// output on the same line (a guest console that did not end its line).
-fn marker<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
+pub(crate) fn marker<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
     let start = line.find(prefix)? + prefix.len();
     line[start..].strip_suffix("@@")
 }
