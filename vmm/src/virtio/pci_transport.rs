@@ -60,6 +60,14 @@ const CAP_COMMON: u8 = 1;
 const CAP_NOTIFY: u8 = 2;
 const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
+/// VIRTIO_PCI_CAP_PCI_CFG: a window in config space onto BAR 0, for firmware and drivers that
+/// cannot map the BAR yet. The spec requires every device to offer it.
+const CAP_PCI_CFG: u8 = 5;
+/// Offsets in that capability: which BAR, where in it, how many bytes; then the data window.
+const PCI_CFG_BAR: usize = 4;
+const PCI_CFG_OFFSET: usize = 8;
+const PCI_CFG_LENGTH: usize = 12;
+const PCI_CFG_DATA: usize = 16;
 
 #[derive(Debug, Error)]
 pub enum PciTransportError {
@@ -103,6 +111,7 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
 struct State {
     config: ConfigSpace,
     msix_cap: usize,
+    pci_cfg_cap: usize,
     msix: MsixVectors,
     core: VirtioCore,
     isr: u8,
@@ -163,6 +172,11 @@ impl VirtioPciDevice {
         let (cap, wmask) =
             msix::capability(vectors, 0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32);
         let msix_cap = config.add_capability(&cap, &wmask)?;
+        let window = virtio_cap(CAP_PCI_CFG, 0, 0, &[0; 4]);
+        let mut window_wmask = vec![0u8; window.len()];
+        window_wmask[PCI_CFG_BAR] = 0xff;
+        window_wmask[PCI_CFG_OFFSET..].fill(0xff);
+        let pci_cfg_cap = config.add_capability(&window, &window_wmask)?;
         let msix = MsixVectors::new(vectors, vm.clone())?;
         let notify = (0..queues)
             .map(|_| EventFd::new(EFD_NONBLOCK))
@@ -177,6 +191,7 @@ impl VirtioPciDevice {
             state: Mutex::new(State {
                 config,
                 msix_cap,
+                pci_cfg_cap,
                 msix,
                 core: VirtioCore::new(device),
                 isr: 0,
@@ -422,14 +437,65 @@ impl BusDevice for VirtioPciDevice {
     }
 }
 
+/// An access through the PCI_CFG window: where in BAR 0, and how many bytes.
+struct WindowAccess {
+    offset: u64,
+    len: usize,
+}
+
+impl VirtioPciDevice {
+    /// The BAR access the PCI_CFG capability's fields describe, if the config access at
+    /// `offset` touches its data window and the fields are valid (BAR 0, 1, 2 or 4 bytes,
+    /// naturally aligned, inside the BAR; the spec leaves anything else undefined: ignored).
+    fn window_access(st: &State, offset: usize, len: usize) -> Option<WindowAccess> {
+        let data = st.pci_cfg_cap + PCI_CFG_DATA;
+        if offset >= data + 4 || offset + len <= data {
+            return None;
+        }
+        let cap = st.pci_cfg_cap;
+        let bar = st.config.u32_at(cap + PCI_CFG_BAR) & 0xff;
+        let at = u64::from(st.config.u32_at(cap + PCI_CFG_OFFSET));
+        let length = st.config.u32_at(cap + PCI_CFG_LENGTH) as usize;
+        let valid = bar == 0
+            && matches!(length, 1 | 2 | 4)
+            && at % length as u64 == 0
+            && at + length as u64 <= BAR_SIZE;
+        valid.then_some(WindowAccess {
+            offset: at,
+            len: length,
+        })
+    }
+}
+
 impl PciDevice for VirtioPciDevice {
     fn config_read(&self, offset: usize, data: &mut [u8]) {
+        let access = {
+            let st = self.state();
+            Self::window_access(&st, offset, data.len())
+        };
+        if let Some(access) = access {
+            // Fill the data window from the BAR first (the state lock is not held: the BAR
+            // read takes it), then read config space as usual.
+            let mut bytes = [0u8; 4];
+            BusDevice::read(self, access.offset, &mut bytes[..access.len]);
+            let mut st = self.state();
+            let window = st.pci_cfg_cap + PCI_CFG_DATA;
+            st.config.write(window, &bytes);
+        }
         self.state().config.read(offset, data);
     }
 
     fn config_write(&self, offset: usize, data: &[u8]) {
         let mut st = self.state();
         st.config.write(offset, data);
+        if let Some(access) = Self::window_access(&st, offset, data.len()) {
+            let mut bytes = [0u8; 4];
+            st.config
+                .read(st.pci_cfg_cap + PCI_CFG_DATA, &mut bytes[..access.len]);
+            drop(st);
+            BusDevice::write(self, access.offset, &bytes[..access.len]);
+            return;
+        }
         let control = st.msix_cap + msix::MSIX_CONTROL_OFFSET;
         if offset < control + 2 && offset + data.len() > control {
             let value = st.config.u16_at(control);
@@ -536,7 +602,8 @@ mod tests {
                 (1, 0, 0x38),
                 (2, 0x3000, 8),
                 (3, 0x1000, 1),
-                (4, 0x2000, 0x1000)
+                (4, 0x2000, 0x1000),
+                (5, 0, 0)
             ]
         );
         assert_eq!(rig.cfg32(0x50 + 16), 4, "notify_off_multiplier");
@@ -544,6 +611,42 @@ mod tests {
         assert_eq!(control & 0x7ff, 2, "3 vectors");
         assert_eq!(rig.cfg32(msix + 4), 0x4000);
         assert_eq!(rig.cfg32(msix + 8), 0x5000);
+    }
+
+    #[test]
+    fn pci_cfg_window_reaches_bar0_without_mapping_it() {
+        let rig = rig(2);
+        let mut cap = (rig.cfg32(0x34) & 0xff) as usize;
+        while rig.cfg32(cap) & 0xff != 0x09 || (rig.cfg32(cap) >> 24) != 5 {
+            cap = ((rig.cfg32(cap) >> 8) & 0xff) as usize;
+            assert_ne!(cap, 0, "no PCI_CFG capability");
+        }
+        let aim = |offset: u32, len: u32| {
+            rig.dev.config_write(cap + 4, &[0]);
+            rig.dev.config_write(cap + 8, &offset.to_le_bytes());
+            rig.dev.config_write(cap + 12, &len.to_le_bytes());
+        };
+        // Memory decoding is off: the BAR is not on the bus, the window still works.
+        let mut b = [0u8; 4];
+        assert!(!rig.bus.read(BAR, &mut b));
+        aim(18, 2);
+        assert_eq!(
+            rig.cfg32(cap + 16) & 0xffff,
+            2,
+            "num_queues through the window"
+        );
+        aim(22, 2);
+        rig.dev.config_write(cap + 16, &1u16.to_le_bytes());
+        rig.enable_memory();
+        assert_eq!(rig.r(22, 2), 1, "queue_select written through the window");
+        // Fields the spec leaves undefined are ignored: unaligned, too long, another BAR.
+        for (bar, offset, len) in [(0u8, 23u32, 2u32), (0, 20, 8), (1, 22, 2)] {
+            rig.dev.config_write(cap + 4, &[bar]);
+            rig.dev.config_write(cap + 8, &offset.to_le_bytes());
+            rig.dev.config_write(cap + 12, &len.to_le_bytes());
+            rig.dev.config_write(cap + 16, &0u32.to_le_bytes());
+            assert_eq!(rig.r(22, 2), 1);
+        }
     }
 
     #[test]
