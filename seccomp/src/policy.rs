@@ -31,6 +31,8 @@ pub enum ThreadRole {
     VmmVcpu,
     /// The request watchdog of one vhost-user connection in `cloister`.
     VmmWatchdog,
+    /// `cloister`'s console writer: moves the guest's serial output to stdout or its file.
+    VmmConsole,
     /// `vhost-user-blk`'s main thread (the serve loop), and the vhost-user control thread it
     /// starts for each connection, which keeps this policy.
     BlkMain,
@@ -42,10 +44,11 @@ pub enum ThreadRole {
 
 impl ThreadRole {
     /// Every role, for listings and tests.
-    pub const ALL: [ThreadRole; 6] = [
+    pub const ALL: [ThreadRole; 7] = [
         ThreadRole::VmmMain,
         ThreadRole::VmmVcpu,
         ThreadRole::VmmWatchdog,
+        ThreadRole::VmmConsole,
         ThreadRole::BlkMain,
         ThreadRole::BlkWorker,
         ThreadRole::BackendSignals,
@@ -57,6 +60,7 @@ impl ThreadRole {
             ThreadRole::VmmMain => "vmm-main",
             ThreadRole::VmmVcpu => "vmm-vcpu",
             ThreadRole::VmmWatchdog => "vmm-watchdog",
+            ThreadRole::VmmConsole => "vmm-console",
             ThreadRole::BlkMain => "blk-main",
             ThreadRole::BlkWorker => "blk-worker",
             ThreadRole::BackendSignals => "backend-signals",
@@ -73,6 +77,7 @@ impl ThreadRole {
             ThreadRole::VmmMain => vec![base(), spawns_threads(), vmm_main()],
             ThreadRole::VmmVcpu => vec![base(), vmm_vcpu()],
             ThreadRole::VmmWatchdog => vec![base(), vmm_watchdog()],
+            ThreadRole::VmmConsole => vec![base(), vmm_console()],
             ThreadRole::BlkMain => vec![
                 base(),
                 spawns_threads(),
@@ -353,6 +358,20 @@ fn vmm_watchdog() -> Vec<Rule> {
         allow(
             SYS_close,
             "drops its socket duplicate when the connection goes",
+        ),
+    ]
+}
+
+/// The console writer; the base has write(2), its job.
+fn vmm_console() -> Vec<Rule> {
+    use libc::*;
+    vec![
+        allow(SYS_close, "closes the console file when the VM ends"),
+        allow_values(
+            SYS_fcntl,
+            1,
+            &[F_GETFD as u64],
+            "std checks that a descriptor it closes is open (debug builds)",
         ),
     ]
 }

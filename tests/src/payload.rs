@@ -70,7 +70,17 @@ pub enum Payload {
     /// 2-byte `out` to pvpanic (bit 0 of its first byte clear), `rep insb` from the UART's
     /// scratch register into its own marker, then the marker through `rep outsb`; powers off.
     StringIo,
+    /// [`FLOOD_PAGES`] pages of console output, 4 KiB per `rep outsb` (one exit each), then
+    /// [`MARKER_FLOOD_DONE`] and poweroff.
+    Flood,
 }
+
+/// How many 4 KiB pages of `x`s [`Payload::Flood`] writes.
+/// More than cloister's console buffer (256 KiB) and a pipe's (64 KiB) together, and quick
+/// enough on a host where each byte is an exit.
+pub const FLOOD_PAGES: u32 = 128;
+/// Printed by [`Payload::Flood`] after its flood.
+pub const MARKER_FLOOD_DONE: &str = "CLOISTER-PAYLOAD-FLOOD-DONE";
 
 /// Guest-physical load address of the code (the kernel's usual 1 MiB start).
 const CODE_BASE: u32 = 0x10_0000;
@@ -392,6 +402,26 @@ fn segments(kind: Payload) -> (Vec<u8>, Option<Vec<u8>>) {
             a.mov_ecx(line.len() as u32 + 1);
             a.mov_dx(COM1_PORT);
             a.emit(&[0xf3, 0x6e]); // rep outsb  (out dx, ds:[esi++], ecx times)
+            a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
+            a.halt_forever();
+        }
+        Payload::Flood => {
+            let mut page = vec![b'x'; 4095];
+            page.push(b'\n');
+            let page = d.add(&page);
+            let done = d.line(MARKER_FLOOD_DONE);
+            a.emit(&[0xfc]); // cld
+            a.emit(&[0xbf]); // mov edi, imm32
+            a.imm32(FLOOD_PAGES);
+            a.label("page");
+            a.emit(&[0xbe]); // mov esi, imm32
+            a.imm32(page);
+            a.mov_ecx(4096);
+            a.mov_dx(COM1_PORT);
+            a.emit(&[0xf3, 0x6e]); // rep outsb
+            a.emit(&[0xff, 0xcf]); // dec edi
+            a.jne("page");
+            a.print(done, "done_loop", "done_done");
             a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
             a.halt_forever();
         }

@@ -312,6 +312,83 @@ fn string_and_odd_sized_port_io() {
     assert_eq!(run.stderr, "");
 }
 
+/// Every byte of a 512 KiB console flood reaches a reader that keeps up, in order.
+#[test]
+fn a_console_flood_arrives_whole() {
+    if !kvm_available("a_console_flood_arrives_whole") {
+        return;
+    }
+    let run = boot(Payload::Flood, &[]);
+    assert_eq!(run.exit_code(), 0, "stderr:\n{}", run.stderr);
+    assert_eq!(run.stderr, "");
+    let page = format!("{}\n", "x".repeat(4095));
+    let expected = format!(
+        "{}{}\n",
+        page.repeat(payload::FLOOD_PAGES as usize),
+        payload::MARKER_FLOOD_DONE
+    );
+    assert!(
+        run.stdout == expected,
+        "stdout differs ({} bytes)",
+        run.stdout.len()
+    );
+}
+
+/// A reader of our stdout that stops reading (a paused terminal, a pipe nobody drains) must not
+/// stall the guest: the UART's output waits in a bounded buffer for its own writer thread, what
+/// does not fit is dropped, and cloister says how much when the VM ends.
+#[test]
+fn a_stalled_stdout_does_not_stall_the_guest() {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::process::{Command, Stdio};
+
+    if !kvm_available("a_stalled_stdout_does_not_stall_the_guest") {
+        return;
+    }
+    let kernel = payload_path(Payload::Flood);
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills in two descriptors we then own.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh descriptors, owned here only.
+    let (never_read, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut child = Command::new(payload::cloister_bin())
+        .arg("--kernel")
+        .arg(&kernel)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cloister");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for cloister") {
+            break Some(status);
+        }
+        if started.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    drop(never_read);
+    let status = status.unwrap_or_else(|| {
+        panic!("the guest stalled behind its unread console (stderr: {stderr})")
+    });
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("bytes of the guest's console output were dropped"),
+        "stderr:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "stderr:\n{stderr}");
+}
+
 /// `cloister &` from an interactive shell: stdin is the shell's terminal, but another process
 /// group owns it. Raw mode or reading stdin would stop cloister with SIGTTOU or SIGTTIN, so
 /// the console must be output only, and the guest runs to its end.

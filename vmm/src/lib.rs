@@ -11,6 +11,7 @@ pub mod irqchip;
 pub mod layout;
 pub mod memory;
 pub mod pci;
+pub mod signals;
 pub mod supervisor;
 pub mod terminal;
 pub mod vhost_user;

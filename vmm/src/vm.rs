@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use cloister_seccomp::ThreadRole;
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
@@ -19,6 +20,7 @@ use crate::boot::{self, BootError, Initramfs, Kernel};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::cpu::{cpuid, msrs, Vcpu, VcpuContext, VcpuError};
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_PORT, ACPI_PM_PORT_LEN};
+use crate::devices::console_output::{self, ConsoleWriter};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::pvpanic::{PvPanic, PVPANIC_PORT};
 use crate::devices::serial::{Output, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
@@ -68,6 +70,9 @@ pub enum VmError {
     Sandbox(#[from] cloister_seccomp::Error),
 }
 
+/// How long the guest's last console output may take to get out once the VM has stopped.
+const CONSOLE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A VM ready to run: memory loaded, devices attached, vCPUs configured.
 pub struct Vm {
     // Kept alive for the VM's lifetime: KVM needs the VM fd, vCPUs need the VM.
@@ -79,6 +84,8 @@ pub struct Vm {
     mmio_bus: Arc<Bus>,
     exit: Arc<ExitLatch>,
     serial: Arc<SerialDevice>,
+    /// Moves the UART's output to stdout or the console file, off the vCPU threads.
+    console_writer: ConsoleWriter,
     /// stdin feeds the UART (`--serial tty`).
     console_input: bool,
     /// Disk backends, watched while the guest runs and stopped when it ends.
@@ -162,8 +169,10 @@ impl Vm {
         vm_fd
             .register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(|e| VmError::Kvm("register the serial port's irqfd", e))?;
+        let (console_output, console_writer) = console_output::start(serial_out)
+            .map_err(|e| VmError::Io("start the console writer thread", e))?;
         let serial = Arc::new(
-            SerialDevice::new(serial_irq, serial_out)
+            SerialDevice::new(serial_irq, Box::new(console_output))
                 .map_err(|e| VmError::Io("create an eventfd", e))?,
         );
         let add =
@@ -259,6 +268,7 @@ impl Vm {
             mmio_bus,
             exit,
             serial,
+            console_writer,
             console_input: cfg.serial == SerialConfig::Tty,
             disks,
         })
@@ -348,8 +358,25 @@ impl Vm {
         for t in threads {
             let _ = t.join();
         }
+        self.finish_console();
         self.disks.shutdown();
         result
+    }
+
+    /// Lets the console writer put out the guest's last words, for a moment; says what the
+    /// output did not take.
+    fn finish_console(&mut self) {
+        let finished = self.console_writer.finish(CONSOLE_DRAIN_TIMEOUT);
+        if let Some(kind) = finished.failed {
+            eprintln!("cloister: warning: the console output failed ({kind})");
+        }
+        if finished.lost > 0 {
+            eprintln!(
+                "cloister: warning: {} bytes of the guest's console output were dropped: the \
+                 output did not keep up",
+                finished.lost
+            );
+        }
     }
 
     /// Confines the main thread: the vmm-main seccomp policy, Landlock access to the backends'

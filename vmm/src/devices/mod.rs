@@ -2,6 +2,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod console_output;
 pub mod i8042;
 pub mod pvpanic;
 pub mod serial;

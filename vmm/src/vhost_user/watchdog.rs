@@ -57,7 +57,7 @@ impl Watchdog {
             .spawn(move || {
                 // Started before the main thread takes the termination signals through its
                 // signalfd: without this, one could land here and kill the process.
-                block_termination_signals();
+                crate::signals::block_termination_signals();
                 // Confined before it can touch the socket.
                 if let Err(e) = cloister_seccomp::enter_thread(ThreadRole::VmmWatchdog) {
                     eprintln!(
@@ -83,19 +83,6 @@ impl Watchdog {
     /// Whether the watchdog has shut the socket down.
     pub fn fired(&self) -> bool {
         self.shared.lock().fired
-    }
-}
-
-/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread; they are the main thread's.
-fn block_termination_signals() {
-    // SAFETY: sigset manipulation on a zeroed local; pthread_sigmask with valid pointers.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, signal);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
