@@ -174,45 +174,75 @@ fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-/// What the VMM does while the guest moves 512 MiB through the disk (8192 requests of 64 KiB):
+/// What the VMM does while the guest moves 128 MiB through the disk (2048 requests of 64 KiB):
 /// KVM's own count of exits to the VMM (debugfs), the main thread's CPU time, and for scale
 /// the backend's.
+///
+/// Under the lab's nested emulation a guest very rarely triple-faults under sustained I/O,
+/// with QEMU as the VMM too (a QEMU guest died the same way in bench/blk's lab part); so a
+/// measurement cut short by a triple fault is taken once more, and the test says so.
 fn perf(name: &str, transport: &str) -> Scenario {
     Scenario::new(
         name,
         &format!(
             r#"{PRELUDE}
             grep -q " /sys/kernel/debug " /proc/mounts || mount -t debugfs none /sys/kernel/debug
-            truncate -s 300M "$RESULTS_DIR/p.img"
-            cloister_bg "$RESULTS_DIR/vm.log" blkperf --disk "path=$RESULTS_DIR/p.img,transport={transport}"
-            wait_for "$RESULTS_DIR/console.log" CLOISTER-BLK-PERF-START 1200
-            kvm=$(ls -d /sys/kernel/debug/kvm/$vm-* | head -n1)
-            # exits: all of them; mmio_exits and io_exits: the ones that reach the VMM.
-            kstat() {{ for f in exits mmio_exits io_exits; do cat "$kvm/$f"; done; }}
-            set -- $(kstat); e1=$1; m1=$2; i1=$3
-            set -- $(cpu $vm); u1=$1; s1=$2; g1=$3
-            set -- $(cpu $vm/task/$vm); mu1=$1; ms1=$2
-            backend=$(pidof vhost-user-blk)
-            set -- $(cpu $backend); bu1=$1; bs1=$2
-            wait_for "$RESULTS_DIR/console.log" CLOISTER-BLK-PERF-END 3000 && mark perf.done yes
-            set -- $(kstat); e2=$1; m2=$2; i2=$3
-            set -- $(cpu $vm); u2=$1; s2=$2; g2=$3
-            set -- $(cpu $vm/task/$vm); mu2=$1; ms2=$2
-            set -- $(cpu $backend); bu2=$1; bs2=$2
-            mark kvm.exits $((e2 - e1))
-            mark vmm.mmio_exits $((m2 - m1))
-            mark vmm.io_exits $((i2 - i1))
-            mark vmm.main_thread_ticks $((mu2 - mu1 + ms2 - ms1))
-            # The whole process, vCPU threads running the guest included (guest_time is part
-            # of utime, though scaled differently, so they do not subtract exactly).
-            mark vmm.cpu_ticks $((u2 - u1 + s2 - s1))
-            mark vmm.guest_ticks $((g2 - g1))
-            mark backend.ticks $((bu2 - bu1 + bs2 - bs1))
-            grep CLOISTER-BLK-PERF-END "$RESULTS_DIR/console.log"
+            # wait_vm TEXT TENTHS: wait_for on the guest console, giving up when cloister ends.
+            wait_vm() {{
+                j=0
+                while [ "$j" -lt "$2" ]; do
+                    grep -q "$1" "$RESULTS_DIR/console.log" 2>/dev/null && return 0
+                    running "$vm" || return 1
+                    sleep 0.1
+                    j=$((j + 1))
+                done
+                return 1
+            }}
+            measure() {{
+                truncate -s 300M "$RESULTS_DIR/p.img"
+                rm -f "$RESULTS_DIR/console.log"
+                cloister_bg "$RESULTS_DIR/vm.log" blkperf --disk "path=$RESULTS_DIR/p.img,transport={transport}"
+                wait_vm CLOISTER-BLK-PERF-START 1200 || return 1
+                kvm=$(ls -d /sys/kernel/debug/kvm/$vm-* | head -n1)
+                # exits: all of them; mmio_exits and io_exits: the ones that reach the VMM.
+                kstat() {{ for f in exits mmio_exits io_exits; do cat "$kvm/$f"; done; }}
+                set -- $(kstat); e1=$1; m1=$2; i1=$3
+                set -- $(cpu $vm); u1=$1; s1=$2; g1=$3
+                set -- $(cpu $vm/task/$vm); mu1=$1; ms1=$2
+                backend=$(pidof vhost-user-blk)
+                set -- $(cpu $backend); bu1=$1; bs1=$2
+                wait_vm CLOISTER-BLK-PERF-END 1500 || return 1
+                set -- $(kstat); e2=$1; m2=$2; i2=$3
+                set -- $(cpu $vm); u2=$1; s2=$2; g2=$3
+                set -- $(cpu $vm/task/$vm); mu2=$1; ms2=$2
+                set -- $(cpu $backend); bu2=$1; bs2=$2
+            }}
+            if ! measure; then
+                stop_vm
+                echo "--- cloister (first attempt) ---"; cat "$RESULTS_DIR/vm.log"
+                if grep -q "triple fault" "$RESULTS_DIR/vm.log"; then
+                    echo "LAB FLAKE: the guest triple-faulted under nested emulation; measuring once more"
+                    mark retried "triple-fault"
+                    measure || true
+                fi
+            fi
+            if grep -q CLOISTER-BLK-PERF-END "$RESULTS_DIR/console.log"; then
+                mark perf.done yes
+                mark kvm.exits $((e2 - e1))
+                mark vmm.mmio_exits $((m2 - m1))
+                mark vmm.io_exits $((i2 - i1))
+                mark vmm.main_thread_ticks $((mu2 - mu1 + ms2 - ms1))
+                # The whole process, vCPU threads running the guest included (guest_time is part
+                # of utime, though scaled differently, so they do not subtract exactly).
+                mark vmm.cpu_ticks $((u2 - u1 + s2 - s1))
+                mark vmm.guest_ticks $((g2 - g1))
+                mark backend.ticks $((bu2 - bu1 + bs2 - bs1))
+                grep CLOISTER-BLK-PERF-END "$RESULTS_DIR/console.log"
+            fi
             # It powers off by itself; SIGTERM only if it did not.
             i=0; while running $vm && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
             stop_vm
-            cat "$RESULTS_DIR/vm.log"
+            echo "--- cloister ---"; cat "$RESULTS_DIR/vm.log"
             rm -f "$RESULTS_DIR/p.img"
             "#
         ),
@@ -376,7 +406,7 @@ fn killed_backend_is_reported_and_the_vm_still_stops() {
     o.expect_console("cloister: terminated by signal SIGTERM");
 }
 
-/// The VMM must do no work per I/O. Over the 8192 requests (plus the guest's own console
+/// The VMM must do no work per I/O. Over the 2048 requests (plus the guest's own console
 /// output, a few dozen port writes): with PCI and MSI-X, notifications are ioeventfds and
 /// completions irqfds, so KVM hands almost nothing to the VMM; with virtio-mmio the guest's
 /// interrupt handler reads InterruptStatus and writes InterruptACK, two MMIO exits per
@@ -386,6 +416,9 @@ fn vmm_stays_out_of_the_io_path() {
     for name in ["perf-pci", "perf-mmio"] {
         let o = LAB.scenario(name);
         o.expect_mark("perf.done", "yes");
+        if let Some(why) = o.mark("retried") {
+            eprintln!("{name}: LAB FLAKE: measured twice, the first guest ended in a {why}");
+        }
         let main = o.mark_u64("vmm.main_thread_ticks");
         eprintln!(
             "{name}: KVM exits {}, to the VMM: {} MMIO + {} port I/O; main thread {main} ticks; \
@@ -407,7 +440,7 @@ fn vmm_stays_out_of_the_io_path() {
     let mmio = pci.mark_u64("vmm.mmio_exits");
     if mmio > 100 {
         pci.fail(&format!(
-            "{mmio} MMIO exits reached the VMM during 8192 requests"
+            "{mmio} MMIO exits reached the VMM during 2048 requests"
         ));
     }
 }
