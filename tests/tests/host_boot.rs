@@ -301,6 +301,62 @@ fn stdin_reaches_the_guest_uart() {
     assert_eq!(run.stdout.as_bytes(), &line[..]);
 }
 
+/// Input that arrives in one burst, bigger than the FIFO, with stdin left open: every byte must
+/// reach the guest without more input arriving to wake the pump (input read ahead into a
+/// buffer that poll(2) cannot see would sit there).
+#[test]
+fn a_burst_of_input_reaches_the_guest_with_stdin_still_open() {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+
+    if !kvm_available("a_burst_of_input_reaches_the_guest_with_stdin_still_open") {
+        return;
+    }
+    let kernel = payload_path(Payload::EchoInput);
+    let mut line: Vec<u8> = (0..500).map(|i| b'A' + (i % 26) as u8).collect();
+    line.push(b'\n');
+    let mut child = Command::new(payload::cloister_bin())
+        .arg("--kernel")
+        .arg(&kernel)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cloister");
+    let mut stdin = child.stdin.take().expect("stdin pipe");
+    stdin.write_all(&line).expect("write the input");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for cloister") {
+            break Some(status);
+        }
+        if started.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    drop(stdin);
+    let mut stdout = Vec::new();
+    let mut stderr = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_end(&mut stdout);
+    }
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut stderr);
+    }
+    let echoed = String::from_utf8_lossy(&stdout);
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "the guest never got all its input (echoed {} bytes: {echoed})",
+            stdout.len()
+        )
+    });
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    assert_eq!(stdout, line);
+}
+
 #[test]
 fn string_and_odd_sized_port_io() {
     if !kvm_available("string_and_odd_sized_port_io") {

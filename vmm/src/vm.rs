@@ -1,7 +1,7 @@
 //! Building the VM from a [`VmConfig`] and running it until it stops.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -450,7 +450,7 @@ impl Vm {
                     stdin_paused = self.serial.fifo_capacity() == 0;
                     continue;
                 }
-                match io::stdin().lock().read(&mut buf[..space]) {
+                match read_stdin(&mut buf[..space]) {
                     Ok(0) => stdin_open = false,
                     Ok(n) => {
                         self.serial.enqueue_input(&buf[..n]);
@@ -540,5 +540,18 @@ impl SignalFd {
             )
         };
         (n == size as isize).then_some(info.ssi_signo as i32)
+    }
+}
+
+/// Reads what is there from fd 0, unbuffered: std's `Stdin` would read ahead into its own
+/// buffer, where bytes beyond what the UART's FIFO takes would sit unseen by poll(2) until
+/// more input came.
+fn read_stdin(buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: read(2) into a buffer we own, at most its length.
+    let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
