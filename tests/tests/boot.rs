@@ -50,8 +50,7 @@ fn scenarios() -> Vec<Scenario> {
 }
 
 /// The guest reached userspace, ran its test, and powered off; cloister exited 0.
-fn powered_off(name: &str) -> &'static ScenarioOutcome {
-    let outcome = LAB.scenario(name);
+fn powered_off(outcome: &ScenarioOutcome) -> &ScenarioOutcome {
     outcome
         .expect_mark("vm.rc", "0")
         .expect_console("CLOISTER-GUEST-UP")
@@ -102,49 +101,60 @@ fn expect_memory(outcome: &ScenarioOutcome, mib: u64) {
 
 #[test]
 fn pvh_vmlinux_boots_to_userspace_with_one_cpu() {
-    let outcome = powered_off("pvh-1cpu");
-    expect_cpus(outcome, 1);
-    expect_memory(outcome, 512);
+    LAB.check("pvh-1cpu", |outcome| {
+        powered_off(outcome);
+        expect_cpus(outcome, 1);
+        expect_memory(outcome, 512);
+    });
 }
 
 #[test]
 fn bzimage_boots_to_userspace_with_two_cpus() {
-    let outcome = powered_off("bzimage-2cpu");
-    expect_cpus(outcome, 2);
-    expect_memory(outcome, 1024);
+    LAB.check("bzimage-2cpu", |outcome| {
+        powered_off(outcome);
+        expect_cpus(outcome, 2);
+        expect_memory(outcome, 1024);
+    });
 }
 
 #[test]
 fn four_cpus_are_all_online() {
-    expect_cpus(powered_off("pvh-4cpu"), 4);
+    LAB.check("pvh-4cpu", |outcome| expect_cpus(powered_off(outcome), 4));
 }
 
 #[test]
 fn memory_above_4g_is_usable() {
-    expect_memory(powered_off("memory-5g"), 5 * 1024);
+    LAB.check("memory-5g", |outcome| {
+        expect_memory(powered_off(outcome), 5 * 1024)
+    });
 }
 
 #[test]
 fn defaults_are_one_cpu_and_512m() {
-    let outcome = powered_off("default-memory");
-    expect_cpus(outcome, 1);
-    expect_memory(outcome, 512);
+    LAB.check("default-memory", |outcome| {
+        powered_off(outcome);
+        expect_cpus(outcome, 1);
+        expect_memory(outcome, 512);
+    });
 }
 
 #[test]
 fn guest_panic_is_a_failure_exit() {
-    let outcome = LAB.scenario("panic");
-    outcome.expect_console("CLOISTER-GUEST-UP");
-    if matches!(outcome.mark("vm.rc"), Some("0") | None) {
-        outcome.fail("cloister exited 0 (or never) after a guest panic");
-    }
-    outcome.expect_console("panicked");
+    LAB.check("panic", |outcome| {
+        outcome.expect_console("CLOISTER-GUEST-UP");
+        if matches!(outcome.mark("vm.rc"), Some("0") | None) {
+            outcome.fail("cloister exited 0 (or never) after a guest panic");
+        }
+        outcome.expect_console("panicked");
+    });
 }
 
 #[test]
 fn guest_reboot_exits_zero_and_says_so() {
-    LAB.scenario("reboot")
-        .expect_mark("vm.rc", "0")
-        .expect_console("CLOISTER-GUEST-UP")
-        .expect_console("reboot");
+    LAB.check("reboot", |outcome| {
+        outcome
+            .expect_mark("vm.rc", "0")
+            .expect_console("CLOISTER-GUEST-UP")
+            .expect_console("reboot");
+    });
 }

@@ -101,23 +101,27 @@ fn expect_round_trip(outcome: &ScenarioOutcome) {
 
 #[test]
 fn cloister_drives_qemu_storage_daemon() {
-    let outcome = LAB.scenario("cloister-drives-qsd");
-    outcome.expect_mark("vm.rc", "0");
-    expect_round_trip(outcome);
+    LAB.check("cloister-drives-qsd", |outcome| {
+        outcome.expect_mark("vm.rc", "0");
+        expect_round_trip(outcome);
+    });
 }
 
 #[test]
 fn qemu_drives_our_vhost_user_blk() {
-    let outcome = LAB.scenario("qemu-drives-ours");
-    outcome
-        .expect_mark("qemu.rc", "0")
-        .expect_mark("backend.rc", "0");
-    expect_round_trip(outcome);
+    LAB.check("qemu-drives-ours", |outcome| {
+        outcome
+            .expect_mark("qemu.rc", "0")
+            .expect_mark("backend.rc", "0");
+        expect_round_trip(outcome);
+    });
 }
 
 #[test]
 fn debian_boots_to_multi_user_from_a_vhost_user_blk_root_disk() {
-    LAB.scenario("debian-root-on-vhost-user-blk")
-        .expect_mark("vm.rc", "0")
-        .expect_console("CLOISTER-DEBIAN-UP");
+    LAB.check("debian-root-on-vhost-user-blk", |outcome| {
+        outcome
+            .expect_mark("vm.rc", "0")
+            .expect_console("CLOISTER-DEBIAN-UP");
+    });
 }

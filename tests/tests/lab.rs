@@ -127,88 +127,96 @@ const QEMU_MICROVM: &str = "-accel kvm -cpu host -M microvm,pit=off,pic=off,rtc=
 
 #[test]
 fn lab_kvm_is_real_kvm_with_nested_paging() {
-    let kvm = LAB.scenario("kvm");
-    kvm.expect_rc(0).expect_mark("kvm.dev", "yes");
-    if kvm.mark("kvm.pvm").is_some() {
-        kvm.fail("the lab's /dev/kvm is PVM");
-    }
-    // Both report nested paging as Y or 1 depending on the kernel version.
-    if !matches!(kvm.mark("kvm.tdp"), Some("Y" | "1")) {
-        kvm.fail("two-dimensional paging (NPT/EPT) is off");
-    }
-    match Mode::from_env() {
-        // The lab's CPU is QEMU's emulated `max` CPU, which offers AMD SVM.
-        Ok(Mode::Emulated) => {
-            kvm.expect_mark("kvm.vendor", "amd");
+    LAB.check("kvm", |kvm| {
+        kvm.expect_rc(0).expect_mark("kvm.dev", "yes");
+        if kvm.mark("kvm.pvm").is_some() {
+            kvm.fail("the lab's /dev/kvm is PVM");
         }
-        _ => {
-            if !matches!(kvm.mark("kvm.vendor"), Some("amd" | "intel")) {
-                kvm.fail("neither kvm_amd nor kvm_intel is loaded");
+        // Both report nested paging as Y or 1 depending on the kernel version.
+        if !matches!(kvm.mark("kvm.tdp"), Some("Y" | "1")) {
+            kvm.fail("two-dimensional paging (NPT/EPT) is off");
+        }
+        match Mode::from_env() {
+            // The lab's CPU is QEMU's emulated `max` CPU, which offers AMD SVM.
+            Ok(Mode::Emulated) => {
+                kvm.expect_mark("kvm.vendor", "amd");
+            }
+            _ => {
+                if !matches!(kvm.mark("kvm.vendor"), Some("amd" | "intel")) {
+                    kvm.fail("neither kvm_amd nor kvm_intel is loaded");
+                }
             }
         }
-    }
+    });
 }
 
 #[test]
 fn qemu_inside_the_lab_boots_the_test_guest() {
-    LAB.scenario("qemu-boots-guest")
-        .expect_rc(0)
-        .expect_mark("qemu.rc", "0")
-        .expect_console("CLOISTER-GUEST-UP")
-        .expect_console("CLOISTER-GUEST-RESULT test=info rc=0");
+    LAB.check("qemu-boots-guest", |outcome| {
+        outcome
+            .expect_rc(0)
+            .expect_mark("qemu.rc", "0")
+            .expect_console("CLOISTER-GUEST-UP")
+            .expect_console("CLOISTER-GUEST-RESULT test=info rc=0");
+    });
 }
 
 #[test]
 fn qemu_inside_the_lab_boots_debian_to_multi_user() {
-    LAB.scenario("qemu-boots-debian")
-        .expect_mark("qemu.rc", "0")
-        .expect_console("CLOISTER-DEBIAN-UP");
+    LAB.check("qemu-boots-debian", |outcome| {
+        outcome
+            .expect_mark("qemu.rc", "0")
+            .expect_console("CLOISTER-DEBIAN-UP");
+    });
 }
 
 #[test]
 fn test_guest_networks_with_qemu_through_a_tap() {
-    let outcome = LAB.scenario("guest-net-with-qemu");
-    outcome
-        .expect_mark("qemu.rc", "0")
-        .expect_console("CLOISTER-NET ping=ok")
-        .expect_console("CLOISTER-GUEST-RESULT test=net rc=0");
-    let bps: f64 = outcome
-        .field("CLOISTER-NET iperf_bps", "iperf_bps")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    if bps <= 0.0 {
-        outcome.fail("iperf3 moved no data");
-    }
+    LAB.check("guest-net-with-qemu", |outcome| {
+        outcome
+            .expect_mark("qemu.rc", "0")
+            .expect_console("CLOISTER-NET ping=ok")
+            .expect_console("CLOISTER-GUEST-RESULT test=net rc=0");
+        let bps: f64 = outcome
+            .field("CLOISTER-NET iperf_bps", "iperf_bps")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if bps <= 0.0 {
+            outcome.fail("iperf3 moved no data");
+        }
+    });
 }
 
 #[test]
 fn test_guest_shares_files_with_qemu_and_virtiofsd() {
-    let outcome = LAB.scenario("guest-fs-with-qemu-and-virtiofsd");
-    outcome
-        .expect_mark("qemu.rc", "0")
-        .expect_console("CLOISTER-FS mount=ok")
-        .expect_console("CLOISTER-GUEST-RESULT test=fs rc=0");
-    let guest_read = outcome.field("CLOISTER-FS from_host_sha256", "from_host_sha256");
-    if guest_read != outcome.mark("from_host") {
-        outcome.fail("the guest read other bytes than the host's file holds");
-    }
-    let guest_wrote = outcome.field("CLOISTER-FS from_guest_sha256", "from_guest_sha256");
-    if guest_wrote != outcome.mark("from_guest") {
-        outcome.fail("the host's copy of the guest's file differs");
-    }
+    LAB.check("guest-fs-with-qemu-and-virtiofsd", |outcome| {
+        outcome
+            .expect_mark("qemu.rc", "0")
+            .expect_console("CLOISTER-FS mount=ok")
+            .expect_console("CLOISTER-GUEST-RESULT test=fs rc=0");
+        let guest_read = outcome.field("CLOISTER-FS from_host_sha256", "from_host_sha256");
+        if guest_read != outcome.mark("from_host") {
+            outcome.fail("the guest read other bytes than the host's file holds");
+        }
+        let guest_wrote = outcome.field("CLOISTER-FS from_guest_sha256", "from_guest_sha256");
+        if guest_wrote != outcome.mark("from_guest") {
+            outcome.fail("the host's copy of the guest's file differs");
+        }
+    });
 }
 
 #[test]
 fn test_guest_runs_fio_with_qemu() {
-    let outcome = LAB.scenario("guest-fio-with-qemu");
-    outcome
-        .expect_mark("qemu.rc", "0")
-        .expect_console("CLOISTER-GUEST-RESULT test=fio rc=0");
-    let iops: f64 = outcome
-        .field("CLOISTER-FIO", "read_iops")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    if iops <= 0.0 {
-        outcome.fail("fio reported no reads");
-    }
+    LAB.check("guest-fio-with-qemu", |outcome| {
+        outcome
+            .expect_mark("qemu.rc", "0")
+            .expect_console("CLOISTER-GUEST-RESULT test=fio rc=0");
+        let iops: f64 = outcome
+            .field("CLOISTER-FIO", "read_iops")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if iops <= 0.0 {
+            outcome.fail("fio reported no reads");
+        }
+    });
 }
