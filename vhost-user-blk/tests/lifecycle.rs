@@ -71,10 +71,18 @@ fn stopping_a_queue_finishes_requests_in_flight() {
         statuses.push(status);
     }
     blk.queue(0).kick_now().unwrap();
-    // Give the backend a moment to pop them, then stop the queue.
-    std::thread::sleep(std::time::Duration::from_millis(2));
+    // Stop the queue as soon as the backend has taken requests (it moves avail_event past
+    // them once they are submitted), however busy the machine.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while blk.queue(0).device_avail_event().unwrap() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backend took nothing in 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
     let base = blk.connection().stop_queue(0).unwrap();
-    assert!(base > 0, "the backend took nothing in 2 ms");
+    assert!(base > 0, "GET_VRING_BASE says the backend took nothing");
     // Whatever the backend took, it finished and returned before answering.
     let mut used = 0;
     while blk.queue(0).pop_used().unwrap().is_some() {

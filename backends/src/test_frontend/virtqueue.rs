@@ -253,6 +253,12 @@ impl SplitQueue {
         self.kick.write(1).map_err(Error::Io)
     }
 
+    /// With EVENT_IDX: the avail index the device asked to be kicked at, which it moves past
+    /// the requests it has taken once it re-enables notifications.
+    pub fn device_avail_event(&self) -> Result<u16> {
+        self.load_u16(self.avail_event())
+    }
+
     /// The next used element, if any: `(head, len)`. Its descriptors return to the free list.
     pub fn pop_used(&mut self) -> Result<Option<(u16, u32)>> {
         let used_idx = self.load_u16(self.used.unchecked_add(2))?;
