@@ -71,7 +71,7 @@ impl SharedRun {
             Ok(first) => {
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| checks(first))) {
                     Ok(()) => return,
-                    Err(cause) => panic_text(&cause),
+                    Err(cause) => panic_text(cause.as_ref()),
                 }
             }
             // The lab died before the scenario ran, or the run failed: the same treatment.
