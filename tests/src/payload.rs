@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -728,17 +728,7 @@ pub fn run_cloister_with_input(args: &[&str], input: Option<&[u8]>, timeout: Dur
         let _ = err.read_to_end(&mut s);
         s
     });
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait for cloister") {
-            break st.code();
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = wait_or_kill(&mut child, timeout).and_then(|st| st.code());
     let elapsed = start.elapsed();
     if let Some(t) = stdin_t {
         let _ = t.join();
@@ -750,6 +740,23 @@ pub fn run_cloister_with_input(args: &[&str], input: Option<&[u8]>, timeout: Dur
         stdout,
         stderr,
         elapsed,
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit; after that kills it (SIGKILL) and reaps it, and
+/// returns `None`.
+pub fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

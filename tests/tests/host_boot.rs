@@ -325,18 +325,7 @@ fn a_burst_of_input_reaches_the_guest_with_stdin_still_open() {
         .expect("spawn cloister");
     let mut stdin = child.stdin.take().expect("stdin pipe");
     stdin.write_all(&line).expect("write the input");
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for cloister") {
-            break Some(status);
-        }
-        if started.elapsed() > TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = payload::wait_or_kill(&mut child, TIMEOUT);
     drop(stdin);
     let mut stdout = Vec::new();
     let mut stderr = String::new();
@@ -417,18 +406,7 @@ fn a_stalled_stdout_does_not_stall_the_guest() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn cloister");
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for cloister") {
-            break Some(status);
-        }
-        if started.elapsed() > TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = payload::wait_or_kill(&mut child, TIMEOUT);
     let mut stderr = String::new();
     if let Some(mut pipe) = child.stderr.take() {
         let _ = pipe.read_to_string(&mut stderr);
@@ -495,20 +473,8 @@ fn serial_tty_in_the_background_is_output_only() {
         });
     }
     let mut child = cmd.spawn().expect("spawn sh");
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break Some(st);
-        }
-        if start.elapsed() > TIMEOUT {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    if status.is_none() {
-        // Stopped by SIGTTOU/SIGTTIN: kill the whole session's jobs through the shell.
-        let _ = child.kill();
-    }
+    // Hung (stopped by SIGTTOU/SIGTTIN): killed through the shell.
+    let status = payload::wait_or_kill(&mut child, TIMEOUT);
     let out = child.wait_with_output().expect("collect output");
     drop(master);
     let stderr = String::from_utf8_lossy(&out.stderr);
