@@ -23,6 +23,7 @@
 //! thread role and system call.
 
 pub mod landlock;
+pub mod line;
 pub mod policy;
 pub mod privileges;
 mod rules;

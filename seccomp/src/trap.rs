@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, Ordering};
 
 use seccompiler::{sock_filter, BpfProgram};
 
+use crate::line::Line;
 use crate::policy::ThreadRole;
 use crate::syscall_names;
 use crate::SeccompMode;
@@ -181,53 +182,14 @@ struct SigsysInfo {
 /// `si_code` of a SIGSYS sent by seccomp.
 const SYS_SECCOMP: i32 = 1;
 
-/// A line assembled on the stack.
-struct Line {
-    buf: [u8; 400],
-    len: usize,
-}
-
-impl Line {
-    fn new() -> Self {
-        Self {
-            buf: [0; 400],
-            len: 0,
-        }
-    }
-
-    fn push(&mut self, bytes: &[u8]) -> &mut Self {
-        let n = bytes.len().min(self.buf.len() - self.len);
-        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
-        self.len += n;
-        self
-    }
-
-    fn str(&mut self, s: &str) -> &mut Self {
-        self.push(s.as_bytes())
-    }
-
-    fn num(&mut self, mut n: u64) -> &mut Self {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.push(&digits[i..])
-    }
-
-    fn write(&self, through_trampoline: bool) {
-        let args = [2, self.buf.as_ptr() as u64, self.len as u64, 0, 0, 0];
-        if through_trampoline {
-            passthrough(libc::SYS_write, args);
-        } else {
-            // SAFETY: write(2) of our own buffer to stderr.
-            unsafe { libc::write(2, self.buf.as_ptr().cast(), self.len) };
-        }
+/// Writes `line` to stderr, through the trampoline when a SIGSYS handler must not trap again.
+fn write_line(line: &Line, through_trampoline: bool) {
+    let bytes = line.bytes();
+    if through_trampoline {
+        let args = [2, bytes.as_ptr() as u64, bytes.len() as u64, 0, 0, 0];
+        passthrough(libc::SYS_write, args);
+    } else {
+        line.write_stderr();
     }
 }
 
@@ -283,7 +245,7 @@ extern "C" fn on_sigsys(_signal: i32, info: *mut libc::siginfo_t, context: *mut 
     line.str(process).str(": seccomp: ");
     if info.code != SYS_SECCOMP {
         line.str("SIGSYS from outside the filter; stopping\n");
-        line.write(log_mode);
+        write_line(&line, log_mode);
         die();
     }
     let mut name = [0u8; 16];
@@ -305,12 +267,12 @@ extern "C" fn on_sigsys(_signal: i32, info: *mut libc::siginfo_t, context: *mut 
     .str(")");
     if !log_mode {
         line.str("; stopping the process (--seccomp=log would let it run and report it)\n");
-        line.write(false);
+        write_line(&line, false);
         die();
     }
     if first_report(role, nr) {
         line.str(" is not in the policy; allowed (--seccomp=log)\n");
-        line.write(true);
+        write_line(&line, true);
     }
     // SAFETY: for SA_SIGINFO handlers the third argument is the interrupted ucontext.
     let context = unsafe { &mut *context.cast::<libc::ucontext_t>() };
@@ -351,13 +313,6 @@ fn die() -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn line_formats_numbers() {
-        let mut line = Line::new();
-        line.str("x ").num(0).str(" ").num(1234567890123);
-        assert_eq!(&line.buf[..line.len], b"x 0 1234567890123");
-    }
 
     #[test]
     fn passthrough_makes_calls() {

@@ -250,31 +250,11 @@ fn write_proc(path: &std::ffi::CStr, bytes: &[u8]) -> io::Result<()> {
 
 /// One line on stderr, formatted without allocating (we are between fork and exec).
 fn warn_no_namespaces(errno: i32) {
-    let mut line = [0u8; 160];
-    let prefix: &[u8] =
-        b"cloister: warning: cannot give a backend its own namespaces (unshare: errno ";
-    let mut len = prefix.len();
-    line[..len].copy_from_slice(prefix);
-    let mut digits = [0u8; 10];
-    let mut n = errno.unsigned_abs();
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for &d in &digits[i..] {
-        line[len] = d;
-        len += 1;
-    }
-    let suffix: &[u8] = b"); it shares cloister's network\n";
-    line[len..len + suffix.len()].copy_from_slice(suffix);
-    len += suffix.len();
-    // SAFETY: write(2) of our own buffer; nothing to do if stderr is gone.
-    unsafe { libc::write(2, line.as_ptr().cast(), len) };
+    cloister_seccomp::line::Line::new()
+        .str("cloister: warning: cannot give a backend its own namespaces (unshare: errno ")
+        .num(u64::from(errno.unsigned_abs()))
+        .str("); it shares cloister's network\n")
+        .write_stderr();
 }
 
 /// "status 1", "signal 9 (SIGKILL)".
