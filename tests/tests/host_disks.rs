@@ -79,6 +79,19 @@ fn run(runtime: &Path, disks: &[String]) -> (Option<i32>, String, String) {
     )
 }
 
+/// No backend serving `image` outlived the VM, and its runtime directory is empty.
+fn assert_nothing_left(runtime: &Path, image: &str) {
+    let procs = processes_mentioning(image);
+    assert!(procs.is_empty(), "backends outlived the VM: {procs:?}");
+    let left: Vec<_> = std::fs::read_dir(runtime)
+        .expect("read runtime dir")
+        .collect();
+    assert!(
+        left.is_empty(),
+        "runtime directory not cleaned up: {left:?}"
+    );
+}
+
 #[test]
 fn managed_backends_start_and_are_stopped_with_the_vm() {
     if !ready("managed_backends_start_and_are_stopped_with_the_vm") {
@@ -98,15 +111,7 @@ fn managed_backends_start_and_are_stopped_with_the_vm() {
     assert_eq!(status, Some(0), "stderr:\n{stderr}");
     assert_eq!(stdout, format!("{}\n", payload::MARKER_OK));
     assert_eq!(stderr, "", "a clean run prints nothing");
-    let left: Vec<_> = std::fs::read_dir(&runtime)
-        .expect("read runtime dir")
-        .collect();
-    assert!(
-        left.is_empty(),
-        "runtime directory not cleaned up: {left:?}"
-    );
-    let procs = processes_mentioning(&a);
-    assert!(procs.is_empty(), "backends outlived the VM: {procs:?}");
+    assert_nothing_left(&runtime, &a);
 }
 
 #[test]
@@ -129,13 +134,5 @@ fn a_backend_that_cannot_start_is_named() {
         "stderr:\n{stderr}"
     );
     assert!(!stderr.contains("panicked"));
-    let procs = processes_mentioning(&a);
-    assert!(procs.is_empty(), "backends outlived the VM: {procs:?}");
-    let left: Vec<_> = std::fs::read_dir(&runtime)
-        .expect("read runtime dir")
-        .collect();
-    assert!(
-        left.is_empty(),
-        "runtime directory not cleaned up: {left:?}"
-    );
+    assert_nothing_left(&runtime, &a);
 }
