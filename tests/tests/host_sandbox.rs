@@ -59,15 +59,11 @@ fn spawn(kind: Payload, hook: Option<&str>, args: &[&str], runtime: Option<&Path
 
 /// Runs to the end (at most 30 s): (status, stdout, stderr).
 fn run(kind: Payload, hook: Option<&str>, args: &[&str]) -> (ExitStatus, String, String) {
-    let child = spawn(kind, hook, args, None);
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(30));
-        // SAFETY: kill(2); at worst the pid is gone.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    });
+    let mut child = spawn(kind, hook, args, None);
+    // Killed and reaped at the deadline (a detached killer thread could hit a reused pid).
+    // The outputs are a few lines: the pipes cannot fill meanwhile.
+    payload::wait_or_kill(&mut child, Duration::from_secs(30));
     let out = child.wait_with_output().expect("wait for cloister");
-    drop(watchdog);
     (
         out.status,
         String::from_utf8_lossy(&out.stdout).into_owned(),
