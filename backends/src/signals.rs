@@ -33,18 +33,9 @@ impl Stop {
         }))
     }
 
-    /// Blocks SIGTERM and SIGINT in the calling thread (and so in every thread it spawns later:
-    /// call this first thing in `main`) and starts a thread that turns them into a stop
-    /// request. A second signal while stopping exits at once.
-    pub fn from_signals(socket_to_remove: Option<std::path::PathBuf>) -> Result<Arc<Self>, Error> {
-        let stop = Self::block_signals()?;
-        stop.listen(socket_to_remove)?;
-        Ok(stop)
-    }
-
-    /// The first half of [`Stop::from_signals`]: blocks SIGTERM and SIGINT in the calling
-    /// thread (call it first thing in `main`). A signal that comes before [`Stop::listen`]
-    /// stays pending and is handled then.
+    /// Blocks SIGTERM and SIGINT in the calling thread, and so in every thread it spawns
+    /// later: call it first thing in `main`. A signal that comes before [`Stop::listen`] stays
+    /// pending and is handled then.
     pub fn block_signals() -> Result<Arc<Self>, Error> {
         let stop = Self::new().map_err(Error::Signals)?;
         let set = termination_signals();
@@ -56,9 +47,9 @@ impl Stop {
         Ok(stop)
     }
 
-    /// The second half: starts the thread that receives the blocked signals. Started after
-    /// the sandbox, the thread is confined from its first instruction, and narrows its policy
-    /// to the signal thread's.
+    /// Starts the thread that turns the blocked signals into a stop request (a second signal
+    /// while stopping exits at once). Started after the sandbox, the thread is confined from
+    /// its first instruction, and narrows its policy to the signal thread's.
     pub fn listen(
         self: &Arc<Self>,
         socket_to_remove: Option<std::path::PathBuf>,
