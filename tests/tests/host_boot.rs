@@ -508,6 +508,7 @@ fn write_payloads() {
         Payload::EchoInput,
         Payload::Smp,
         Payload::StringIo,
+        Payload::Flood,
     ] {
         let p = payload::write(kind, &dir).expect("write payload");
         eprintln!("{}", p.display());
