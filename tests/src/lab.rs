@@ -14,9 +14,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::artifacts::{repo_root, Artifacts, Needs};
-use crate::outcome::{LabRun, BEGIN};
+use crate::outcome::LabRun;
 use crate::scenario::Scenario;
-use crate::watchdog::{Progress, Stall};
+use crate::watchdog::Progress;
 use crate::{binaries, HarnessError};
 
 /// Where the scenarios run.
@@ -94,8 +94,8 @@ const LAB_BOOT_ALLOWANCE: Duration = Duration::from_secs(180);
 
 /// Runs the scenarios in one lab boot (or on the host in direct mode), in order. Should the lab
 /// itself stop responding (the emulator or its kernel froze: no end marker long after a
-/// scenario's own timeout), it is booted once more for the scenarios that had not finished,
-/// and the console says so.
+/// scenario's own timeout), it is killed and the run ends with that problem; the scenarios it
+/// did not finish have no outcome (`SharedRun::check` reruns them).
 pub fn run(
     run_name: &str,
     scenarios: &[Scenario],
@@ -117,72 +117,19 @@ pub fn run(
         scenarios.len()
     );
     let started = Instant::now();
-    let first = boot(mode, &artifacts, &work, scenarios, options)?;
-    let results_root = first.results_root.clone();
-    let (console, problem) = match (&first.stall, mode) {
-        (Some(stall), Mode::Emulated) => {
-            let left: Vec<Scenario> = scenarios
-                .iter()
-                .filter(|s| !first.finished.contains(&s.name))
-                .cloned()
-                .collect();
-            let notice = format!(
-                "lab: THE LAB STOPPED RESPONDING {stall}; booting it once more for the {} \
-                 scenario(s) left",
-                left.len()
-            );
-            println!("{notice}");
-            let retry_dir = work.join("retry");
-            let retry = boot(mode, &artifacts, &retry_dir, &left, options)?;
-            for scenario in &left {
-                let from = retry.results_root.join(&scenario.name);
-                let to = results_root.join(&scenario.name);
-                if to.exists() {
-                    fs::remove_dir_all(&to).map_err(|e| HarnessError::Io(to.clone(), e))?;
-                }
-                if from.exists() {
-                    fs::rename(&from, &to).map_err(|e| HarnessError::Io(from.clone(), e))?;
-                }
-            }
-            // The first boot's console up to the first unfinished scenario, then the second's.
-            let mut console = match left.first() {
-                Some(s) => cut_before_scenario(&first.console, &s.name),
-                None => first.console.clone(),
-            };
-            console.push('\n');
-            console.push_str(&notice);
-            console.push('\n');
-            console.push_str(&retry.console);
-            let problem = retry
-                .problem
-                .map(|p| format!("{p} (in the second boot; the first stopped responding {stall})"));
-            (console, problem)
-        }
-        _ => (first.console, first.problem),
-    };
+    let (console, problem, results_root) = boot(mode, &artifacts, &work, scenarios, options)?;
     println!("lab: done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(LabRun::parse(console, results_root, problem))
 }
 
-/// What one lab boot left.
-struct Boot {
-    console: String,
-    /// Why it ended early, if it did.
-    problem: Option<String>,
-    /// Set when the lab stopped responding and was killed.
-    stall: Option<Stall>,
-    /// Scenarios whose end marker came.
-    finished: Vec<String>,
-    results_root: PathBuf,
-}
-
+/// One lab boot: (console, why it ended early if it did, where the results are).
 fn boot(
     mode: Mode,
     artifacts: &Artifacts,
     work: &Path,
     scenarios: &[Scenario],
     options: &LabOptions,
-) -> Result<Boot, HarnessError> {
+) -> Result<(String, Option<String>, PathBuf), HarnessError> {
     let payload = work.join("payload");
     write_payload(&payload, scenarios)?;
     let progress = Progress::new(scenarios, LAB_BOOT_ALLOWANCE);
@@ -204,13 +151,7 @@ fn boot(
                     Some(_) => println!("lab: cannot read the results back: {e}"),
                 }
             }
-            Ok(Boot {
-                console: supervised.console,
-                problem: supervised.problem,
-                stall: supervised.stall,
-                finished: progress.finished(),
-                results_root: work.join("results"),
-            })
+            Ok((supervised.console, supervised.problem, work.join("results")))
         }
         Mode::Direct => {
             let mut command = Command::new("sh");
@@ -221,23 +162,12 @@ fn boot(
                 command.env("ROOTFS_IMAGE", rootfs.join("debian.ext4"));
             }
             let supervised = supervise(&mut command, &progress, || {})?;
-            Ok(Boot {
-                console: supervised.console,
-                problem: supervised.problem,
-                stall: supervised.stall,
-                finished: progress.finished(),
-                results_root: payload.join("results"),
-            })
+            Ok((
+                supervised.console,
+                supervised.problem,
+                payload.join("results"),
+            ))
         }
-    }
-}
-
-/// `console` up to the line that begins scenario `name` (all of it if that never began).
-fn cut_before_scenario(console: &str, name: &str) -> String {
-    let begin = format!("{BEGIN}{name}@@");
-    match console.find(&begin) {
-        Some(at) => console[..console[..at].rfind('\n').map_or(0, |nl| nl + 1)].to_string(),
-        None => console.to_string(),
     }
 }
 
@@ -446,7 +376,6 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), HarnessError> {
 struct Supervised {
     console: String,
     problem: Option<String>,
-    stall: Option<Stall>,
 }
 
 /// Runs `command` with stdout and stderr on one stream that is echoed line by line as it comes,
@@ -474,7 +403,6 @@ fn supervise(
 
     let console = Mutex::new(String::new());
     let mut problem = None;
-    let mut stall = None;
     thread::scope(|scope| -> Result<(), HarnessError> {
         let echo = scope.spawn(|| {
             let mut lines = BufReader::new(fs::File::from(reader));
@@ -510,7 +438,6 @@ fn supervise(
                         if let Some(dump) = on_stall.take() {
                             dump();
                         }
-                        stall = Some(overdue);
                         // SAFETY: signals the process group we created for the child.
                         unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                         let _ = child.wait();
@@ -528,11 +455,7 @@ fn supervise(
         Ok(())
     })?;
     let console = console.into_inner().unwrap_or_default();
-    Ok(Supervised {
-        console,
-        problem,
-        stall,
-    })
+    Ok(Supervised { console, problem })
 }
 
 /// The lab QEMU's human monitor on a UNIX socket, read only when the lab stops responding: where

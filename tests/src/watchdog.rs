@@ -50,7 +50,6 @@ pub struct Progress {
 struct State {
     deadline: Instant,
     position: Stall,
-    finished: Vec<String>,
 }
 
 impl Progress {
@@ -64,7 +63,6 @@ impl Progress {
             state: Mutex::new(State {
                 deadline: Instant::now() + boot,
                 position: Stall::Booting,
-                finished: Vec::new(),
             }),
         }
     }
@@ -91,7 +89,6 @@ impl Progress {
             let name = rest.split_once(" rc=").map_or(rest, |(name, _)| name);
             state.deadline = now + BETWEEN_SCENARIOS;
             state.position = Stall::After(name.to_string());
-            state.finished.push(name.to_string());
         }
     }
 
@@ -103,14 +100,6 @@ impl Progress {
     fn overdue_at(&self, now: Instant) -> Option<Stall> {
         let state = self.state.lock().ok()?;
         (now > state.deadline).then(|| state.position.clone())
-    }
-
-    /// The scenarios whose END marker came, in order.
-    pub fn finished(&self) -> Vec<String> {
-        self.state
-            .lock()
-            .map(|s| s.finished.clone())
-            .unwrap_or_default()
     }
 }
 
@@ -159,6 +148,5 @@ mod tests {
             progress.overdue_at(t(70 + 121)),
             Some(Stall::After("b".into()))
         );
-        assert_eq!(progress.finished(), ["a", "b"]);
     }
 }
