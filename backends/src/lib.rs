@@ -16,6 +16,7 @@ pub mod cli;
 pub mod error;
 pub mod logging;
 pub mod options;
+pub mod poll;
 pub mod sandbox;
 pub mod server;
 pub mod signals;

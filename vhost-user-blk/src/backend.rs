@@ -2,7 +2,9 @@
 
 use std::io;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
 
 use cloister_backends::server::GuestMemory;
 use cloister_backends::{Device, WorkerExits};
@@ -29,16 +31,34 @@ struct Shared {
     features: u64,
     config_space: Vec<u8>,
     /// One per queue, each driven by that queue's worker thread.
-    workers: Vec<Mutex<QueueWorker>>,
+    workers: Vec<WorkerSlot>,
+}
+
+struct WorkerSlot {
+    worker: Mutex<QueueWorker>,
+    /// Non-zero while the control thread waits for the worker's lock: a polling worker lets
+    /// go of it instead of spinning on.
+    control: AtomicUsize,
 }
 
 impl Shared {
-    fn worker(&self, queue: usize) -> Option<MutexGuard<'_, QueueWorker>> {
-        // A worker that panicked mid-request leaves consistent enough state to keep serving
-        // other requests; better than taking the daemon down.
-        self.workers
-            .get(queue)
-            .map(|w| w.lock().unwrap_or_else(PoisonError::into_inner))
+    /// The worker of `queue`, for its own thread. The control thread goes first: a worker
+    /// that keeps finding work would otherwise take the lock back before it gets a turn.
+    fn worker(&self, queue: usize) -> Option<(MutexGuard<'_, QueueWorker>, &AtomicUsize)> {
+        let slot = self.workers.get(queue)?;
+        while slot.control.load(Ordering::Acquire) != 0 {
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        Some((lock(&slot.worker), &slot.control))
+    }
+
+    /// Runs `f` on the worker of `queue` from the control thread.
+    fn control(&self, queue: usize, f: impl FnOnce(&mut QueueWorker)) {
+        if let Some(slot) = self.workers.get(queue) {
+            slot.control.fetch_add(1, Ordering::AcqRel);
+            f(&mut lock(&slot.worker));
+            slot.control.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// The event id of a queue's I/O completions: above the ids vhost-user-backend reserves
@@ -46,6 +66,17 @@ impl Shared {
     fn completion_event(&self) -> u16 {
         self.geometry.queues + 1
     }
+
+    /// The event id of a worker resuming after it handed its thread back mid-stretch.
+    fn resume_event(&self) -> u16 {
+        self.geometry.queues + 2
+    }
+}
+
+fn lock(worker: &Mutex<QueueWorker>) -> MutexGuard<'_, QueueWorker> {
+    // A worker that panicked mid-request leaves consistent enough state to keep serving
+    // other requests; better than taking the daemon down.
+    worker.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The virtio-blk device.
@@ -84,14 +115,15 @@ impl BlkDevice {
                 ),
                 EngineKind::Sync => Engine::Sync(SyncEngine::new(Arc::clone(&disk))),
             };
-            workers.push(Mutex::new(QueueWorker::new(
-                queue,
-                engine,
-                Arc::clone(&limits),
-            )));
+            let worker = QueueWorker::new(queue, engine, Arc::clone(&limits), config.poll_max)
+                .map_err(|source| Error::Worker { queue, source })?;
+            workers.push(WorkerSlot {
+                worker: Mutex::new(worker),
+                control: AtomicUsize::new(0),
+            });
         }
         log::info!(
-            "image {}: {} bytes{}{}, block size {block_size}, {} queue(s) of up to {} entries, {:?} engine",
+            "image {}: {} bytes{}{}, block size {block_size}, {} queue(s) of up to {} entries, {:?} engine, polling up to {} µs",
             config.image.display(),
             disk.capacity(),
             if config.readonly { ", read-only" } else { "" },
@@ -99,6 +131,7 @@ impl BlkDevice {
             config.queues,
             config.queue_size,
             config.engine,
+            config.poll_max.as_micros(),
         );
         Ok(Self {
             shared: Arc::new(Shared {
@@ -130,24 +163,24 @@ impl Device for BlkDevice {
         _backend: &Self::Backend,
         handlers: &[Arc<VringEpollHandler<Self::Backend>>],
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let event = u64::from(self.shared.completion_event());
+        let completion = u64::from(self.shared.completion_event());
+        let resume = u64::from(self.shared.resume_event());
         for (queue, handler) in handlers.iter().enumerate() {
-            let fd = self
-                .shared
-                .worker(queue)
-                .and_then(|w| w.engine().event_fd());
-            if let Some(fd) = fd {
-                handler.register_listener(fd, EventSet::IN, event)?;
+            let Some(slot) = self.shared.workers.get(queue) else {
+                continue;
+            };
+            let worker = lock(&slot.worker);
+            if let Some(fd) = worker.engine().event_fd() {
+                handler.register_listener(fd, EventSet::IN, completion)?;
             }
+            handler.register_listener(worker.resume_fd(), EventSet::IN, resume)?;
         }
         Ok(())
     }
 
     fn disconnect(&self, backend: &Self::Backend) {
         for queue in 0..self.shared.workers.len() {
-            if let Some(mut worker) = self.shared.worker(queue) {
-                worker.reset();
-            }
+            self.shared.control(queue, QueueWorker::reset);
         }
         *backend.mem.write().unwrap_or_else(PoisonError::into_inner) = None;
     }
@@ -193,9 +226,7 @@ impl VhostUserBackend for Connection {
 
     fn reset_device(&self) {
         for queue in 0..self.shared.workers.len() {
-            if let Some(mut worker) = self.shared.worker(queue) {
-                worker.reset();
-            }
+            self.shared.control(queue, QueueWorker::reset);
         }
     }
 
@@ -233,9 +264,7 @@ impl VhostUserBackend for Connection {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        if let Some(mut worker) = self.shared.worker(queue_index as usize) {
-            worker.stop();
-        }
+        self.shared.control(queue_index as usize, QueueWorker::stop);
         Ok(())
     }
 
@@ -253,18 +282,17 @@ impl VhostUserBackend for Connection {
         // guest must not be able to stop its own queue's service that way. For the same
         // reason a panic (a bug) is caught here rather than silently ending the thread.
         let handled = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let (Some(mut worker), Some(vring)) = (self.shared.worker(thread_id), vrings.first())
+            let (Some((mut worker, control)), Some(vring)) =
+                (self.shared.worker(thread_id), vrings.first())
             else {
                 return;
             };
-            let mem = self.memory();
-            if device_event == 0 {
-                // A kick before SET_MEM_TABLE has nothing to look at.
-                if let Some(mem) = mem.as_ref() {
-                    worker.kick(vring, mem);
-                }
-            } else if device_event == self.shared.completion_event() {
-                worker.completions(vring, mem.as_ref());
+            if device_event == 0
+                || device_event == self.shared.completion_event()
+                || device_event == self.shared.resume_event()
+            {
+                // Without a memory table (a kick before SET_MEM_TABLE) it only reaps.
+                worker.serve(vring, self.memory().as_ref(), control);
             } else {
                 log::debug!("queue {thread_id}: ignoring event {device_event}");
             }

@@ -1,6 +1,7 @@
 //! Command line of `vhost-user-blk` and the validated configuration made from it.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use cloister_backends::CommonOptions;
@@ -12,6 +13,8 @@ pub const MAX_QUEUES: u16 = 64;
 /// Largest virtqueue: a request's data segments become one iovec array, and the kernel takes at
 /// most 1024 (IOV_MAX) of them; it also bounds the in-flight slots allocated per queue.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Longest polling window accepted (10 ms: past that, sleeping costs nothing in comparison).
+pub const MAX_POLL_US: u64 = 10_000;
 /// virtio-blk's device ID string is 20 bytes (VIRTIO_BLK_ID_BYTES).
 pub const MAX_SERIAL_LEN: usize = 20;
 
@@ -57,6 +60,14 @@ pub struct Args {
     /// each with preadv/pwritev on the queue's thread (kept for comparison).
     #[arg(long, value_enum, value_name = "ENGINE", default_value_t = EngineKind::IoUring)]
     pub io_engine: EngineKind,
+
+    /// Longest time, in microseconds, a queue worker busy-polls its ring and its I/O for more
+    /// work before it sleeps (the guest does not kick a polling worker). The window adapts: it
+    /// grows while work comes back sooner than this and closes when waits are longer, so an
+    /// idle disk costs no CPU. 0 never polls.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_POLL_US))]
+    pub poll_max_us: u64,
 }
 
 /// The I/O engine of every queue.
@@ -96,6 +107,7 @@ pub struct Config {
     pub direct: bool,
     pub serial: [u8; MAX_SERIAL_LEN],
     pub engine: EngineKind,
+    pub poll_max: Duration,
 }
 
 impl TryFrom<&Args> for Config {
@@ -120,6 +132,12 @@ impl TryFrom<&Args> for Config {
             )));
         }
         serial[..bytes.len()].copy_from_slice(bytes);
+        if args.poll_max_us > MAX_POLL_US {
+            return Err(Error::Usage(format!(
+                "--poll-max-us {}: at most {MAX_POLL_US}",
+                args.poll_max_us
+            )));
+        }
         Ok(Self {
             image: args.image.clone(),
             readonly: args.readonly,
@@ -128,6 +146,7 @@ impl TryFrom<&Args> for Config {
             direct: args.direct,
             serial,
             engine: args.io_engine,
+            poll_max: Duration::from_micros(args.poll_max_us),
         })
     }
 }
@@ -151,6 +170,7 @@ mod tests {
         assert!(!config.readonly && !config.direct);
         assert_eq!(config.serial, [0u8; 20]);
         assert_eq!(config.engine, EngineKind::IoUring);
+        assert_eq!(config.poll_max, Duration::from_micros(50));
     }
 
     #[test]
@@ -160,6 +180,10 @@ mod tests {
         assert!(parse(&["--queue-size", "100"]).is_err());
         assert!(parse(&["--queue-size", "2048"]).is_err());
         assert!(parse(&["--serial", "123456789012345678901"]).is_err());
+        assert!(parse(&["--poll-max-us", "10001"]).is_err());
+        assert!(parse(&["--poll-max-us", "-1"]).is_err());
+        let off = Config::try_from(&parse(&["--poll-max-us", "0"]).unwrap()).unwrap();
+        assert_eq!(off.poll_max, Duration::ZERO);
         let args = parse(&["--serial", "12345678901234567890", "--queues", "4"]).unwrap();
         let config = Config::try_from(&args).unwrap();
         assert_eq!(&config.serial, b"12345678901234567890");

@@ -38,6 +38,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("cannot set up the worker of queue {queue}")]
+    Worker {
+        queue: usize,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Daemon(#[from] cloister_backends::Error),
 }

@@ -1,0 +1,187 @@
+//! Adaptive busy-polling: how long a thread spins for more work before it goes to sleep.
+//!
+//! Waking a sleeping thread costs tens of microseconds on a virtual machine's host (an IPI
+//! through the hypervisor: 24 µs each way on the development machines, measured with an eventfd
+//! ping-pong), which is more than a whole 4 KiB request takes. A worker that spins briefly after
+//! it runs out of work sees the next request without that wake-up, and the guest need not kick
+//! it at all (notifications stay off while it polls). Spinning is only worth it when work comes
+//! back soon, so the window adapts the way QEMU's AioContext polling (`poll-max-ns`) and KVM's
+//! halt polling do: it grows while the waits it sees are short, and drops to zero as soon as a
+//! wait is longer than the largest window, so an idle device costs no CPU.
+
+use std::time::{Duration, Instant};
+
+/// The first window after polling was off (QEMU starts at 4 µs too).
+const GROW_START: Duration = Duration::from_micros(4);
+
+/// The polling window of one kind of wait, adapted to how long those waits turn out to be.
+#[derive(Debug, Clone)]
+pub struct AdaptivePoll {
+    max: Duration,
+    window: Duration,
+    idle_since: Option<Instant>,
+}
+
+impl AdaptivePoll {
+    /// Polls at most `max` per wait; `Duration::ZERO` never polls.
+    pub fn new(max: Duration) -> Self {
+        Self {
+            max,
+            window: Duration::ZERO,
+            idle_since: None,
+        }
+    }
+
+    /// The largest window.
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
+    /// How long to poll now.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// The thread ran out of work at `now` and starts waiting (polling first, if the window is
+    /// open). Returns the window.
+    pub fn idle(&mut self, now: Instant) -> Duration {
+        if self.idle_since.is_none() {
+            self.idle_since = Some(now);
+        }
+        self.window
+    }
+
+    /// Work arrived at `now`, whether during the poll or after sleeping: adapt the window to
+    /// how long this wait was.
+    pub fn work(&mut self, now: Instant) {
+        let Some(since) = self.idle_since.take() else {
+            return;
+        };
+        let waited = now.saturating_duration_since(since);
+        if waited <= self.window {
+            // Polling caught it: the sweet spot.
+        } else if waited > self.max {
+            // Even the largest window would have been spun in vain.
+            self.window = Duration::ZERO;
+        } else {
+            // A window this size would have caught it: poll longer next time.
+            self.window = if self.window.is_zero() {
+                GROW_START
+            } else {
+                self.window.saturating_mul(2)
+            }
+            .min(self.max);
+        }
+    }
+
+    /// The wait ended without work (the thread stopped caring, e.g. the queue was stopped):
+    /// forget it, it says nothing about how soon work comes.
+    pub fn cancel(&mut self) {
+        self.idle_since = None;
+    }
+}
+
+/// Spins until `ready` says so or `window` has passed since `start`; true if it became ready.
+/// `ready` is checked at least once.
+pub fn spin_until(start: Instant, window: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    loop {
+        if ready() {
+            return true;
+        }
+        if start.elapsed() >= window {
+            return false;
+        }
+        // KVM's halt polling stops as soon as another task wants the CPU; the nearest a thread
+        // can do is let any runnable thread (another queue's worker, the guest's vCPU) go first
+        // on every turn. It returns at once when there is none. Measured with 4 queues on 2
+        // CPUs: 1.6 times the IOPS of spinning without it, and no loss with one queue.
+        // SAFETY: no arguments, no memory touched.
+        unsafe { libc::sched_yield() };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait(poll: &mut AdaptivePoll, start: Instant, micros: u64) {
+        poll.idle(start);
+        poll.work(start + Duration::from_micros(micros));
+    }
+
+    #[test]
+    fn starts_closed_and_grows_while_waits_are_short() {
+        let mut poll = AdaptivePoll::new(Duration::from_micros(50));
+        let t = Instant::now();
+        assert_eq!(poll.window(), Duration::ZERO);
+        wait(&mut poll, t, 20);
+        assert_eq!(poll.window(), Duration::from_micros(4));
+        wait(&mut poll, t, 20);
+        assert_eq!(poll.window(), Duration::from_micros(8));
+        wait(&mut poll, t, 20);
+        wait(&mut poll, t, 20);
+        assert_eq!(poll.window(), Duration::from_micros(32));
+        // Caught within the window: stays.
+        wait(&mut poll, t, 20);
+        assert_eq!(poll.window(), Duration::from_micros(32));
+        // Longer than the window but within the maximum: grows, capped at the maximum.
+        wait(&mut poll, t, 40);
+        assert_eq!(poll.window(), Duration::from_micros(50));
+    }
+
+    #[test]
+    fn a_long_wait_closes_the_window() {
+        let mut poll = AdaptivePoll::new(Duration::from_micros(50));
+        let t = Instant::now();
+        for _ in 0..10 {
+            wait(&mut poll, t, 40);
+        }
+        assert_eq!(poll.window(), Duration::from_micros(50));
+        wait(&mut poll, t, 51);
+        assert_eq!(poll.window(), Duration::ZERO);
+    }
+
+    #[test]
+    fn zero_maximum_never_polls() {
+        let mut poll = AdaptivePoll::new(Duration::ZERO);
+        let t = Instant::now();
+        for micros in [0, 1, 5, 1000] {
+            wait(&mut poll, t, micros);
+            assert_eq!(poll.window(), Duration::ZERO);
+        }
+    }
+
+    #[test]
+    fn the_wait_is_measured_from_its_first_idle() {
+        let mut poll = AdaptivePoll::new(Duration::from_micros(50));
+        let t = Instant::now();
+        for _ in 0..10 {
+            wait(&mut poll, t, 10);
+        }
+        // Idle, polled in vain, idle again later (a spurious wake-up): still one wait.
+        poll.idle(t);
+        poll.idle(t + Duration::from_micros(40));
+        poll.work(t + Duration::from_micros(60));
+        assert_eq!(poll.window(), Duration::ZERO);
+        // Cancelled waits don't count.
+        poll.idle(t);
+        poll.cancel();
+        poll.work(t + Duration::from_secs(1));
+        assert_eq!(poll.window(), Duration::ZERO);
+        wait(&mut poll, t, 10);
+        assert_eq!(poll.window(), Duration::from_micros(4));
+    }
+
+    #[test]
+    fn spin_until_checks_at_least_once_and_gives_up() {
+        let start = Instant::now();
+        assert!(spin_until(start, Duration::ZERO, || true));
+        assert!(!spin_until(start, Duration::from_micros(100), || false));
+        assert!(start.elapsed() >= Duration::from_micros(100));
+        let mut calls = 0;
+        assert!(spin_until(Instant::now(), Duration::from_secs(5), || {
+            calls += 1;
+            calls == 3
+        }));
+    }
+}
