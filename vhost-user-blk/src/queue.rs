@@ -14,7 +14,7 @@ use cloister_backends::poll::{spin_until, AdaptivePoll};
 use cloister_backends::server::GuestMemory;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryAtomic;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::engine::{Completion, Engine};
@@ -130,6 +130,9 @@ impl QueueWorker {
             }
             if self.engine.in_flight() == 0 && popping {
                 let window = self.guest_poll.idle(now);
+                if let (Some(mem), false) = (mem, window.is_zero()) {
+                    suppress_kicks(&vring.get_ref(), mem);
+                }
                 if !window.is_zero()
                     && spin_until(now, window, || self.has_work(vring, mem, control))
                 {
@@ -289,6 +292,31 @@ impl QueueWorker {
 
     fn guest_error(&mut self, message: std::fmt::Arguments<'_>) {
         log_guest_error(&mut self.guest_errors, self.index, message);
+    }
+}
+
+/// Tells the driver not to kick while the worker polls. Without EVENT_IDX the used ring's
+/// NO_NOTIFY flag, set before popping, already does. With it, virtio-queue's
+/// `disable_notification` leaves avail_event where it was last armed (it has no way to move it
+/// back), so a worker that re-armed before sleeping on in-flight I/O would be kicked for the
+/// next request even while it polls for it: the driver pays the kick and the worker a spurious
+/// wake-up. avail_event one behind the next entry to pop asks for a kick only once the driver
+/// has gone past an entry the worker already took, which it never does; `enable_notification`
+/// re-arms it properly before the worker sleeps.
+fn suppress_kicks(state: &State, mem: &Arc<GuestMemory>) {
+    let queue = state.get_queue();
+    if !queue.event_idx_enabled() || !queue.ready() {
+        return;
+    }
+    // The used ring was checked to lie in guest memory when the queue was set up; the store is
+    // checked again anyway, and a failure only means the driver keeps kicking.
+    let avail_event = queue
+        .used_ring()
+        .checked_add(4 + 8 * u64::from(queue.size()))
+        .map(GuestAddress);
+    if let Some(addr) = avail_event {
+        let behind = queue.next_avail().wrapping_sub(1);
+        let _ = mem.store(behind.to_le(), addr, Ordering::Release);
     }
 }
 

@@ -62,6 +62,19 @@ fn a_polling_worker_needs_no_kicks_and_an_idle_one_no_cpu() {
 }
 
 #[test]
+fn a_polling_worker_is_not_kicked_after_sleeping_on_direct_io() {
+    // Each O_DIRECT read is in flight when the worker sleeps, so it re-arms notifications
+    // first; once the read completes and it polls for the next one, the driver must not kick.
+    let daemon = Daemon::start("poll-direct", &["--direct", "--poll-max-us", "10000"]);
+    let mut blk = daemon.connect(1);
+    let kicks = reads_one_at_a_time(&mut blk);
+    assert!(
+        kicks <= REQUESTS / 4,
+        "{kicks} kicks for {REQUESTS} requests: kicks were not suppressed while polling"
+    );
+}
+
+#[test]
 fn without_polling_every_request_is_kicked() {
     let daemon = Daemon::start("poll-off", &["--poll-max-us", "0"]);
     let mut blk = daemon.connect(1);
