@@ -1,6 +1,6 @@
 //! One virtqueue's worker: pops chains, parses them, hands requests to the engine, and returns
-//! finished ones to the used ring with one notification per batch. When it runs out of work it
-//! busy-polls the ring and the engine for a while (adaptively, see
+//! finished ones to the used ring with one notification per batch. When it has nothing to pop
+//! and nothing in flight it busy-polls the ring for a while (adaptively, see
 //! `cloister_backends::poll`) before its thread goes back to sleep.
 
 use std::io;
