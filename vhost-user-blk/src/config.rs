@@ -61,8 +61,8 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "ENGINE", default_value_t = EngineKind::IoUring)]
     pub io_engine: EngineKind,
 
-    /// Longest time, in microseconds, a queue worker busy-polls its ring and its I/O for more
-    /// work before it sleeps (the guest does not kick a polling worker). The window adapts: it
+    /// Longest time, in microseconds, a queue worker with nothing in flight busy-polls its ring
+    /// for the guest's next request before it sleeps (the guest does not kick a polling worker). The window adapts: it
     /// grows while work comes back sooner than this and closes when waits are longer, so an
     /// idle disk costs no CPU. 0 never polls.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 50,
