@@ -43,14 +43,6 @@ impl Engine {
         }
     }
 
-    /// Whether completions wait to be reaped (a look at shared memory, no system call).
-    pub fn has_completions(&mut self) -> bool {
-        match self {
-            Engine::Uring(e) => e.has_completions(),
-            Engine::Sync(_) => false,
-        }
-    }
-
     /// Starts `request`; finished requests (all of them, for the sync engine) go to `done`.
     pub fn submit(&mut self, request: Request, mem: &Arc<GuestMemory>, done: &mut Vec<Completion>) {
         match self {

@@ -146,10 +146,6 @@ impl UringEngine {
         self.in_flight
     }
 
-    pub fn has_completions(&mut self) -> bool {
-        !self.ring.completion().is_empty()
-    }
-
     /// Readable while completions are waiting (the ring descriptor itself).
     pub fn event_fd(&self) -> RawFd {
         self.ring.as_raw_fd()

@@ -92,7 +92,7 @@ impl QueueWorker {
         }
         // Whatever woke us ends the wait that started when we last ran out of work.
         let started = Instant::now();
-        self.work_arrived(started);
+        self.guest_poll.work(started);
         if std::mem::take(&mut self.resume_armed) {
             let _ = self.resume.read();
         }
@@ -128,16 +128,14 @@ impl QueueWorker {
                 self.resume_armed = true;
                 return;
             }
-            if self.engine.in_flight() == 0 && popping {
+            if let Some(mem) = mem.filter(|_| popping && self.engine.in_flight() == 0) {
                 let window = self.guest_poll.idle(now);
-                if let (Some(mem), false) = (mem, window.is_zero()) {
+                if !window.is_zero() {
                     suppress_kicks(&vring.get_ref(), mem);
-                }
-                if !window.is_zero()
-                    && spin_until(now, window, || self.has_work(vring, mem, control))
-                {
-                    self.work_arrived(Instant::now());
-                    continue;
+                    if spin_until(now, window, || has_work(vring, mem, control)) {
+                        self.guest_poll.work(Instant::now());
+                        continue;
+                    }
                 }
             }
             if !popping || self.throttled {
@@ -147,7 +145,7 @@ impl QueueWorker {
             match vring.get_mut().enable_notification() {
                 // Requests arrived while notifications were off: go round again.
                 Ok(true) => {
-                    self.work_arrived(Instant::now());
+                    self.guest_poll.work(Instant::now());
                     continue;
                 }
                 Ok(false) => return,
@@ -157,33 +155,6 @@ impl QueueWorker {
                 }
             }
         }
-    }
-
-    fn work_arrived(&mut self, now: Instant) {
-        self.guest_poll.work(now);
-    }
-
-    /// While polling: a request to pop, a completion to reap (a request that finished inline
-    /// may still have left one), or the control thread waiting.
-    fn has_work(
-        &mut self,
-        vring: &Vring,
-        mem: Option<&Arc<GuestMemory>>,
-        control: &AtomicUsize,
-    ) -> bool {
-        if control.load(Ordering::Relaxed) != 0 || self.engine.has_completions() {
-            return true;
-        }
-        let Some(mem) = mem.filter(|_| !self.throttled) else {
-            return false;
-        };
-        let state = vring.get_ref();
-        let queue = state.get_queue();
-        state.is_enabled()
-            && queue.ready()
-            && queue
-                .avail_idx(&**mem, Ordering::Acquire)
-                .is_ok_and(|idx| idx.0 != queue.next_avail())
     }
 
     /// GET_VRING_BASE: finish everything in flight into the used ring before the frontend
@@ -198,7 +169,8 @@ impl QueueWorker {
             None => self.done.clear(),
         }
         self.throttled = false;
-        self.forget_waits();
+        // A stopped queue's idle time says nothing about how soon requests come.
+        self.guest_poll.cancel();
     }
 
     /// Device reset or disconnect: wait for in-flight I/O, but don't touch the guest's memory
@@ -208,11 +180,6 @@ impl QueueWorker {
         self.done.clear();
         self.throttled = false;
         self.vring = None;
-        self.forget_waits();
-    }
-
-    /// A stopped or reset queue's idle time says nothing about how soon requests come.
-    fn forget_waits(&mut self) {
         self.guest_poll.cancel();
     }
 
@@ -295,6 +262,21 @@ impl QueueWorker {
     }
 }
 
+/// While polling (nothing in flight, not throttled): a request to pop, or the control thread
+/// waiting.
+fn has_work(vring: &Vring, mem: &Arc<GuestMemory>, control: &AtomicUsize) -> bool {
+    if control.load(Ordering::Relaxed) != 0 {
+        return true;
+    }
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    state.is_enabled()
+        && queue.ready()
+        && queue
+            .avail_idx(&**mem, Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != queue.next_avail())
+}
+
 /// Tells the driver not to kick while the worker polls. Without EVENT_IDX the used ring's
 /// NO_NOTIFY flag, set before popping, already does. With it, virtio-queue's
 /// `disable_notification` leaves avail_event where it was last armed (it has no way to move it
@@ -310,6 +292,7 @@ fn suppress_kicks(state: &State, mem: &Arc<GuestMemory>) {
     }
     // The used ring was checked to lie in guest memory when the queue was set up; the store is
     // checked again anyway, and a failure only means the driver keeps kicking.
+    // After the used ring's flags and idx (2 bytes each) and its elements (8 bytes each).
     let avail_event = queue
         .used_ring()
         .checked_add(4 + 8 * u64::from(queue.size()))
