@@ -62,10 +62,11 @@ pub struct Args {
     pub io_engine: EngineKind,
 
     /// Longest time, in microseconds, a queue worker with nothing in flight busy-polls its ring
-    /// for the guest's next request before it sleeps (the guest does not kick a polling worker). The window adapts: it
-    /// grows while work comes back sooner than this and closes when waits are longer, so an
-    /// idle disk costs no CPU. 0 never polls.
-    #[arg(long, value_name = "MICROSECONDS", default_value_t = 50,
+    /// for the guest's next request before it sleeps (the guest does not kick a polling
+    /// worker). The window adapts like KVM's halt polling (whose default maximum is also
+    /// 200 µs): it doubles while work comes back sooner than this and halves whenever a wait
+    /// is longer, down to zero, so an idle disk costs no CPU. 0 never polls.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 200,
           value_parser = clap::value_parser!(u64).range(0..=MAX_POLL_US))]
     pub poll_max_us: u64,
 }
@@ -170,7 +171,7 @@ mod tests {
         assert!(!config.readonly && !config.direct);
         assert_eq!(config.serial, [0u8; 20]);
         assert_eq!(config.engine, EngineKind::IoUring);
-        assert_eq!(config.poll_max, Duration::from_micros(50));
+        assert_eq!(config.poll_max, Duration::from_micros(200));
     }
 
     #[test]

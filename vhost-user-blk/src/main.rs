@@ -26,8 +26,8 @@
 //!   CPU on every turn to any other runnable thread. Waking a sleeping thread costs more than a
 //!   cached 4 KiB request takes (tens of microseconds on a virtual host), and a guest whose
 //!   next request comes within the window needs neither a kick nor a wake-up. The window
-//!   adapts (`cloister_backends::poll`): it closes when requests come further apart, so an idle
-//!   disk costs no CPU. A polling worker gives its queue to the control thread at once
+//!   adapts (`cloister_backends::poll`): it shrinks when requests come further apart, so an
+//!   idle disk costs no CPU. A polling worker gives its queue to the control thread at once
 //!   (GET_VRING_BASE, reset), and a busy one goes back through its event loop every
 //!   millisecond.
 //! - **Connections.** The image and the rings outlive connections; per connection there is a
