@@ -466,6 +466,8 @@ fn blk_io() -> Vec<Rule> {
         allow(SYS_fdatasync, "VIRTIO_BLK_T_FLUSH"),
         allow(SYS_fsync, "VIRTIO_BLK_T_FLUSH where fdatasync is not enough"),
         allow(SYS_fallocate, "VIRTIO_BLK_T_DISCARD and WRITE_ZEROES (punch hole, zero range)"),
+        allow(SYS_poll, "a worker sharing its thread with other queues checks the thread's epoll for their events (never waits)"),
+        allow(SYS_ppoll, "poll on libcs that implement it with ppoll"),
     ]
 }
 

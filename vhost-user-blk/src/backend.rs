@@ -1,6 +1,7 @@
 //! The device (lives as long as the daemon) and the per-connection `VhostUserBackend`.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -23,6 +24,7 @@ use crate::io_uring_engine::UringEngine;
 use crate::queue::{QueueWorker, Vring};
 use crate::request::Limits;
 use crate::sync_engine::SyncEngine;
+use crate::threads::ThreadMap;
 use crate::virtio::{self, Geometry};
 
 /// Everything opened at start-up: shared by all connections.
@@ -30,8 +32,9 @@ struct Shared {
     geometry: Geometry,
     features: u64,
     config_space: Vec<u8>,
-    /// One per queue, each driven by that queue's worker thread.
+    /// One per queue, each driven by the worker thread `threads` assigns it.
     workers: Vec<WorkerSlot>,
+    threads: ThreadMap,
 }
 
 struct WorkerSlot {
@@ -59,17 +62,6 @@ impl Shared {
             f(&mut lock(&slot.worker));
             slot.control.fetch_sub(1, Ordering::AcqRel);
         }
-    }
-
-    /// The event id of a queue's I/O completions: above the ids vhost-user-backend reserves
-    /// for vrings and its exit event.
-    fn completion_event(&self) -> u16 {
-        self.geometry.queues + 1
-    }
-
-    /// The event id of a worker resuming after it handed its thread back mid-stretch.
-    fn resume_event(&self) -> u16 {
-        self.geometry.queues + 2
     }
 }
 
@@ -123,13 +115,14 @@ impl BlkDevice {
             });
         }
         log::info!(
-            "image {}: {} bytes{}{}, block size {block_size}, {} queue(s) of up to {} entries, {:?} engine, polling up to {} µs",
+            "image {}: {} bytes{}{}, block size {block_size}, {} queue(s) of up to {} entries on {} thread(s), {:?} engine, polling up to {} µs",
             config.image.display(),
             disk.capacity(),
             if config.readonly { ", read-only" } else { "" },
             if config.direct { ", O_DIRECT" } else { "" },
             config.queues,
             config.queue_size,
+            config.threads,
             config.engine,
             config.poll_max.as_micros(),
         );
@@ -139,6 +132,7 @@ impl BlkDevice {
                 config_space: virtio::config_space(&geometry),
                 geometry,
                 workers,
+                threads: ThreadMap::new(config.queues, config.threads),
             }),
         })
     }
@@ -163,17 +157,25 @@ impl Device for BlkDevice {
         _backend: &Self::Backend,
         handlers: &[Arc<VringEpollHandler<Self::Backend>>],
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let completion = u64::from(self.shared.completion_event());
-        let resume = u64::from(self.shared.resume_event());
-        for (queue, handler) in handlers.iter().enumerate() {
-            let Some(slot) = self.shared.workers.get(queue) else {
-                continue;
-            };
-            let worker = lock(&slot.worker);
-            if let Some(fd) = worker.engine().event_fd() {
-                handler.register_listener(fd, EventSet::IN, completion)?;
+        let map = &self.shared.threads;
+        for (thread, handler) in handlers.iter().enumerate() {
+            let queues = map.queues_of(thread);
+            for (position, &queue) in queues.iter().enumerate() {
+                let Some(slot) = self.shared.workers.get(queue) else {
+                    continue;
+                };
+                let mut worker = lock(&slot.worker);
+                if let Some(fd) = worker.engine().event_fd() {
+                    handler.register_listener(fd, EventSet::IN, map.completion_event(position))?;
+                }
+                handler.register_listener(
+                    worker.resume_fd(),
+                    EventSet::IN,
+                    map.resume_event(position),
+                )?;
+                // A worker that shares its thread must not poll while the others' events wait.
+                worker.share_thread((queues.len() > 1).then(|| handler.as_raw_fd()));
             }
-            handler.register_listener(worker.resume_fd(), EventSet::IN, resume)?;
         }
         Ok(())
     }
@@ -253,10 +255,7 @@ impl VhostUserBackend for Connection {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        // One worker thread per queue.
-        (0..self.shared.geometry.queues)
-            .map(|q| 1u64 << q)
-            .collect()
+        self.shared.threads.masks()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -282,24 +281,22 @@ impl VhostUserBackend for Connection {
         // guest must not be able to stop its own queue's service that way. For the same
         // reason a panic (a bug) is caught here rather than silently ending the thread.
         let handled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let Some(event) = self.shared.threads.event(thread_id, device_event) else {
+                log::debug!("thread {thread_id}: ignoring event {device_event}");
+                return;
+            };
             let (Some((mut worker, control)), Some(vring)) =
-                (self.shared.worker(thread_id), vrings.first())
+                (self.shared.worker(event.queue), vrings.get(event.position))
             else {
                 return;
             };
-            if device_event == 0
-                || device_event == self.shared.completion_event()
-                || device_event == self.shared.resume_event()
-            {
-                // Without a memory table (a kick before SET_MEM_TABLE) it only reaps.
-                worker.serve(vring, self.memory().as_ref(), control);
-            } else {
-                log::debug!("queue {thread_id}: ignoring event {device_event}");
-            }
+            // A kick, an I/O completion or a resume: all mean "serve". Without a memory table
+            // (a kick before SET_MEM_TABLE) it only reaps.
+            worker.serve(vring, self.memory().as_ref(), control);
         }));
         if handled.is_err() {
             log::error!(
-                "queue {thread_id}: internal error while handling an event; the queue may stall until the device is reset"
+                "thread {thread_id}: internal error while handling event {device_event}; its queue may stall until the device is reset"
             );
         }
         Ok(())

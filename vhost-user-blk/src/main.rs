@@ -1,10 +1,12 @@
 //! `vhost-user-blk`: Cloister's virtio-blk backend daemon.
 //!
 //! How it works:
-//! - **Threads.** `main` (the vhost-user control connection, through `vhost-user-backend`), one
-//!   worker thread per virtqueue (`queues_per_thread` maps queue *i* to thread *i*), and a
-//!   signal thread. A worker sleeps in its epoll on two descriptors: the queue's kick eventfd
-//!   and its io_uring instance.
+//! - **Threads.** `main` (the vhost-user control connection, through `vhost-user-backend`),
+//!   `--threads` worker threads (by default one per virtqueue, but no more than the CPUs the
+//!   daemon may run on; `threads.rs` deals queue *i* to thread *i* mod N), and a signal thread.
+//!   A worker thread sleeps in its epoll on each of its queues' kick eventfd and io_uring
+//!   instance. On a thread shared by several queues, one queue polls only while none of the
+//!   others has an event waiting.
 //! - **I/O.** Each queue owns an io_uring (created at start-up, before the sandbox, reused by
 //!   every connection) with one slot per possible in-flight request. A kick pops every
 //!   available chain, parses it (`request.rs`), pushes SQEs, and submits them with one
@@ -43,6 +45,7 @@ mod io_uring_engine;
 mod queue;
 mod request;
 mod sync_engine;
+mod threads;
 mod virtio;
 
 use std::path::Path;

@@ -47,6 +47,9 @@ pub struct QueueWorker {
     /// Written to resume serving right after handing the thread back to the event loop.
     resume: EventFd,
     resume_armed: bool,
+    /// The epoll descriptor of this worker's thread when other queues share it: readable while
+    /// any of their events (or ours) wait, which ends a poll or a busy stretch.
+    thread_events: Option<RawFd>,
 }
 
 impl QueueWorker {
@@ -69,7 +72,14 @@ impl QueueWorker {
             guest_poll: AdaptivePoll::new(poll_max),
             resume: EventFd::new(EFD_NONBLOCK)?,
             resume_armed: false,
+            thread_events: None,
         })
+    }
+
+    /// This connection's thread for the worker: `Some(its epoll descriptor)` when other queues
+    /// share it, so that polling this one doesn't keep theirs waiting.
+    pub fn share_thread(&mut self, thread_events: Option<RawFd>) {
+        self.thread_events = thread_events;
     }
 
     pub fn engine(&self) -> &Engine {
@@ -121,18 +131,23 @@ impl QueueWorker {
             // Out of work for now.
             let now = Instant::now();
             if (control.load(Ordering::Acquire) != 0 || now.duration_since(started) >= MAX_BUSY)
-                && self.resume.write(1).is_ok()
+                && self.hand_back()
             {
-                // Back through the event loop, which calls us again right away; notifications
-                // stay off meanwhile, so nothing the guest adds is missed.
-                self.resume_armed = true;
                 return;
             }
             if let Some(mem) = mem.filter(|_| popping && self.engine.in_flight() == 0) {
                 let window = self.guest_poll.idle(now);
                 if !window.is_zero() {
                     suppress_kicks(&vring.get_ref(), mem);
-                    if spin_until(now, window, || has_work(vring, mem, control)) {
+                    // On a shared thread, another queue's event ends the poll too; this queue
+                    // then re-arms and sleeps like one that polled in vain (no resume event:
+                    // two queues each resuming for the other's would hand the thread back and
+                    // forth for ever).
+                    let thread_events = self.thread_events;
+                    if spin_until(now, window, || {
+                        has_work(vring, mem, control) || events_waiting(thread_events)
+                    }) && has_work(vring, mem, control)
+                    {
                         self.guest_poll.work(Instant::now());
                         continue;
                     }
@@ -143,9 +158,13 @@ impl QueueWorker {
                 return;
             }
             match vring.get_mut().enable_notification() {
-                // Requests arrived while notifications were off: go round again.
+                // Requests arrived while notifications were off: go round again, unless other
+                // queues of this thread are waiting; then after them.
                 Ok(true) => {
                     self.guest_poll.work(Instant::now());
+                    if events_waiting(self.thread_events) && self.hand_back() {
+                        return;
+                    }
                     continue;
                 }
                 Ok(false) => return,
@@ -154,6 +173,19 @@ impl QueueWorker {
                     return;
                 }
             }
+        }
+    }
+
+    /// Returns the thread to the event loop with this queue still to serve: the resume event
+    /// calls `serve` again once the loop has handled what else is waiting. Notifications stay
+    /// off meanwhile, so nothing the guest adds is missed. False if the event can't be raised
+    /// (then the caller keeps the thread).
+    fn hand_back(&mut self) -> bool {
+        if self.resume.write(1).is_ok() {
+            self.resume_armed = true;
+            true
+        } else {
+            false
         }
     }
 
@@ -181,6 +213,8 @@ impl QueueWorker {
         self.throttled = false;
         self.vring = None;
         self.guest_poll.cancel();
+        // The connection's threads (and their epoll descriptors) are gone.
+        self.thread_events = None;
     }
 
     fn pop_all(&mut self, state: &mut State, mem: &Arc<GuestMemory>) {
@@ -275,6 +309,23 @@ fn has_work(vring: &Vring, mem: &Arc<GuestMemory>, control: &AtomicUsize) -> boo
         && queue
             .avail_idx(&**mem, Ordering::Acquire)
             .is_ok_and(|idx| idx.0 != queue.next_avail())
+}
+
+/// Whether the thread's epoll has events waiting (another queue's kick or completions, the
+/// event loop's own): a worker that shares its thread hands it back for them. Without a shared
+/// thread, never.
+fn events_waiting(thread_events: Option<RawFd>) -> bool {
+    let Some(fd) = thread_events else {
+        return false;
+    };
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting; the descriptor is the thread's epoll, which lives
+    // as long as the thread that is running this.
+    unsafe { libc::poll(&mut poll, 1, 0) > 0 }
 }
 
 /// Tells the driver not to kick while the worker polls. Without EVENT_IDX the used ring's

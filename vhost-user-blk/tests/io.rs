@@ -188,6 +188,64 @@ fn four_queues_all_serve() {
     }
 }
 
+/// Queues sharing worker threads (queue i on thread i mod N): all of them serve at once.
+#[test]
+fn queues_sharing_threads_all_serve_at_once() {
+    for threads in ["1", "3"] {
+        let daemon = Daemon::start("mq-threads", &["--queues", "4", "--threads", threads]);
+        let mut blk = daemon.connect(4);
+        let ram = blk.ram().clone();
+        let mem = ram.memory();
+        // 16 writes in flight on every queue before any is waited for.
+        let mut requests = Vec::new();
+        for queue in 0..4 {
+            for i in 0..16u64 {
+                let block = queue as u64 * 16 + i;
+                let header_addr = ram.alloc(16, 16).unwrap();
+                let data_addr = ram.alloc(4096, 4096).unwrap();
+                let status_addr = ram.alloc(1, 1).unwrap();
+                mem.write_slice(&header(VIRTIO_BLK_T_OUT, block * 8), header_addr)
+                    .unwrap();
+                mem.write_slice(&random_bytes(block, 4096), data_addr)
+                    .unwrap();
+                mem.write_obj(STATUS_UNTOUCHED, status_addr).unwrap();
+                blk.queue(queue)
+                    .add(&[
+                        Buffer::readable(header_addr, 16),
+                        Buffer::readable(data_addr, 4096),
+                        Buffer::writable(status_addr, 1),
+                    ])
+                    .unwrap();
+                requests.push(status_addr);
+            }
+        }
+        for queue in 0..4 {
+            blk.queue(queue).notify().unwrap();
+        }
+        for queue in 0..4 {
+            for _ in 0..16 {
+                blk.queue(queue)
+                    .wait_used(std::time::Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("--threads {threads}: queue {queue}: {e}"));
+            }
+        }
+        for status_addr in requests {
+            assert_eq!(mem.read_obj::<u8>(status_addr).unwrap(), OK);
+        }
+        for block in 0..64u64 {
+            let on_disk = read_file_range(&daemon.image, block * 4096, 4096);
+            assert_eq!(checksum(&on_disk), checksum(&random_bytes(block, 4096)));
+        }
+        // Each queue reads back another's blocks.
+        for queue in 0..4 {
+            let block = ((queue + 1) % 4) as u64 * 16;
+            let reply = blk.read(queue, block * 8, 4096).unwrap();
+            assert_eq!(reply.status, OK);
+            assert_eq!(checksum(&reply.data), checksum(&random_bytes(block, 4096)));
+        }
+    }
+}
+
 #[test]
 fn beyond_capacity_is_an_error_and_the_device_goes_on() {
     let daemon = Daemon::start("range", &[]);

@@ -12,7 +12,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use cloister_backends::test_frontend::blk::*;
+use cloister_backends::test_frontend::Buffer;
 use common::*;
+use vm_memory::Bytes;
 
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
 /// Longer than any pause below, so a polling worker is still polling when the test looks.
@@ -59,6 +61,48 @@ fn paused_reads(blk: &mut TestBlk, done_before: &mut u16, count: u32) -> Seen {
     seen
 }
 
+/// `rounds` times, 8 reads in flight on each of `queues` queues at once.
+fn concurrent_reads(blk: &mut TestBlk, queues: usize, rounds: u32) {
+    const DEPTH: u64 = 8;
+    let ram = blk.ram().clone();
+    let mem = ram.memory();
+    let mut slots = Vec::new();
+    for queue in 0..queues {
+        for i in 0..DEPTH {
+            let header_addr = ram.alloc(16, 16).unwrap();
+            let data_addr = ram.alloc(4096, 4096).unwrap();
+            let status_addr = ram.alloc(1, 1).unwrap();
+            let sector = (queue as u64 * DEPTH + i) * 8;
+            mem.write_slice(&header(VIRTIO_BLK_T_IN, sector), header_addr)
+                .unwrap();
+            slots.push((queue, header_addr, data_addr, status_addr));
+        }
+    }
+    for _ in 0..rounds {
+        for &(queue, header_addr, data_addr, status_addr) in &slots {
+            mem.write_obj(STATUS_UNTOUCHED, status_addr).unwrap();
+            blk.queue(queue)
+                .add(&[
+                    Buffer::readable(header_addr, 16),
+                    Buffer::writable(data_addr, 4096),
+                    Buffer::writable(status_addr, 1),
+                ])
+                .unwrap();
+        }
+        for queue in 0..queues {
+            blk.queue(queue).notify().unwrap();
+        }
+        for queue in 0..queues {
+            for _ in 0..DEPTH {
+                blk.queue(queue).wait_used(Duration::from_secs(5)).unwrap();
+            }
+        }
+        for &(_, _, _, status_addr) in &slots {
+            assert_eq!(mem.read_obj::<u8>(status_addr).unwrap(), OK);
+        }
+    }
+}
+
 /// A polling worker: after warming up, nearly every sample finds it polling, and the requests
 /// that follow them are not kicked.
 fn assert_polls(blk: &mut TestBlk) {
@@ -101,6 +145,60 @@ fn a_polling_worker_holds_off_kicks_and_an_idle_one_costs_no_cpu() {
     // And a kick wakes it again.
     assert_eq!(blk.read(0, 0, 4096).unwrap().status, OK);
     daemon.assert_serves();
+}
+
+#[test]
+fn a_polling_queue_does_not_hold_up_another_on_its_thread() {
+    // Queues 0 and 1 share one thread. Queue 0's worker polls for up to a few milliseconds
+    // after each of its reads; a read on queue 1 meanwhile must not wait for that poll to end.
+    let _alone = one_at_a_time();
+    let daemon = Daemon::start(
+        "poll-shared",
+        &["--queues", "2", "--threads", "1", "--poll-max-us", WINDOW],
+    );
+    let mut blk = daemon.connect(2);
+    let mut done = 0;
+    paused_reads(&mut blk, &mut done, WARM_UP);
+    let mut waits = Vec::new();
+    let mut polling = 0;
+    for i in 0..SAMPLES {
+        assert_eq!(blk.read(0, u64::from(i) * 8, 4096).unwrap().status, OK);
+        done = done.wrapping_add(1);
+        std::thread::sleep(PAUSE / 10);
+        // Queue 0's window covers the pauses: it is polling now, and a read that had to wait
+        // for that poll to end would take about a pause.
+        if blk.queue(0).device_avail_event().unwrap() == done.wrapping_sub(1) {
+            polling += 1;
+        }
+        let asked = Instant::now();
+        assert_eq!(blk.read(1, u64::from(i) * 8, 4096).unwrap().status, OK);
+        waits.push(asked.elapsed());
+        std::thread::sleep(PAUSE);
+    }
+    assert!(
+        polling >= SAMPLES / 2,
+        "queue 0 polled in only {polling} of {SAMPLES} samples: the test shows nothing"
+    );
+    waits.sort();
+    let median = waits[waits.len() / 2];
+    assert!(
+        median < PAUSE / 2,
+        "queue 1 waited for queue 0's poll: median {median:?}, all {waits:?}"
+    );
+
+    // Both queues busy at once (each finds the other's events waiting), then quiet: the two
+    // must not keep handing the thread to each other.
+    concurrent_reads(&mut blk, 2, 200);
+    std::thread::sleep(Duration::from_millis(100));
+    let before = cpu_ticks(daemon.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(daemon.pid()) - before;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    assert!(
+        spent * 100 <= hz * 3,
+        "an idle backend with a shared thread used {spent} ticks ({hz}/s) in 1 s"
+    );
 }
 
 #[test]
