@@ -21,7 +21,7 @@ use crate::disk::{Disk, SECTOR_SIZE};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::io_uring_engine::UringEngine;
-use crate::queue::{QueueWorker, Vring};
+use crate::queue::{batch_bytes, QueueWorker, Vring};
 use crate::request::Limits;
 use crate::sync_engine::SyncEngine;
 use crate::threads::ThreadMap;
@@ -107,8 +107,14 @@ impl BlkDevice {
                 ),
                 EngineKind::Sync => Engine::Sync(SyncEngine::new(Arc::clone(&disk))),
             };
-            let worker = QueueWorker::new(queue, engine, Arc::clone(&limits), config.poll_max)
-                .map_err(|source| Error::Worker { queue, source })?;
+            let worker = QueueWorker::new(
+                queue,
+                engine,
+                Arc::clone(&limits),
+                config.poll_max,
+                batch_bytes(config.threads, config.cpus),
+            )
+            .map_err(|source| Error::Worker { queue, source })?;
             workers.push(WorkerSlot {
                 worker: Mutex::new(worker),
                 control: AtomicUsize::new(0),

@@ -113,6 +113,8 @@ pub struct Config {
     pub queues: u16,
     /// Worker threads, 1 to `queues`.
     pub threads: u16,
+    /// CPUs this process may run on, at start-up.
+    pub cpus: usize,
     pub queue_size: u16,
     pub direct: bool,
     pub serial: [u8; MAX_SERIAL_LEN],
@@ -148,6 +150,7 @@ impl TryFrom<&Args> for Config {
                 args.poll_max_us
             )));
         }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = match args.threads {
             Some(threads) if threads == 0 || threads > args.queues => {
                 return Err(Error::Usage(format!(
@@ -156,16 +159,14 @@ impl TryFrom<&Args> for Config {
                 )));
             }
             Some(threads) => threads,
-            None => {
-                let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-                args.queues.min(u16::try_from(cpus).unwrap_or(u16::MAX))
-            }
+            None => args.queues.min(u16::try_from(cpus).unwrap_or(u16::MAX)),
         };
         Ok(Self {
             image: args.image.clone(),
             readonly: args.readonly,
             queues: args.queues,
             threads,
+            cpus,
             queue_size: args.queue_size,
             direct: args.direct,
             serial,

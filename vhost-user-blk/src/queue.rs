@@ -27,6 +27,27 @@ type State = VringState<GuestMemoryAtomic<GuestMemory>>;
 /// the event loop (which then sees its exit and vring-enable events) and resumes at once.
 const MAX_BUSY: Duration = Duration::from_millis(1);
 
+/// Data a batch moves before its requests are submitted and the finished ones returned, while
+/// more wait in the ring; see `batch_bytes`.
+const BATCH_BYTES: u64 = 128 * 1024;
+
+/// How much data a batch moves before its finished requests go back to the guest.
+///
+/// Buffered requests complete inside their submission (a copy to or from the page cache).
+/// Returning them after every 128 KiB, rather than after the whole ring, lets the guest handle
+/// those and queue more while the worker copies the next ones: measured with 128 KiB buffered
+/// reads at QD8 on one queue, 1.3 times the IOPS. Small requests still go by the ring-full (32
+/// of 4 KiB in one submission). That overlap needs a CPU for the guest while the workers copy:
+/// with as many worker threads as CPUs, the early returns only add wake-ups (measured: 4 queues
+/// on 2 threads on 2 CPUs, 25 % fewer IOPS), so then a batch is the whole ring.
+pub fn batch_bytes(threads: u16, cpus: usize) -> u64 {
+    if usize::from(threads) < cpus {
+        BATCH_BYTES
+    } else {
+        u64::MAX
+    }
+}
+
 pub struct QueueWorker {
     index: usize,
     engine: Engine,
@@ -35,6 +56,8 @@ pub struct QueueWorker {
     done: Vec<Completion>,
     /// The engine ran out of slots; popping resumes when completions free some.
     throttled: bool,
+    /// Data moved per batch before finished requests are returned (`batch_bytes`).
+    batch_bytes: u64,
     /// This connection's vring, kept so `stop` can complete in-flight requests into it.
     vring: Option<Vring>,
     guest_errors: RateLimit,
@@ -53,12 +76,14 @@ pub struct QueueWorker {
 }
 
 impl QueueWorker {
-    /// A worker that polls at most `poll_max` per wait (zero: never).
+    /// A worker that polls at most `poll_max` per wait (zero: never) and returns finished
+    /// requests every `batch_bytes` of data.
     pub fn new(
         index: usize,
         engine: Engine,
         limits: Arc<Limits>,
         poll_max: Duration,
+        batch_bytes: u64,
     ) -> io::Result<Self> {
         Ok(Self {
             index,
@@ -67,6 +92,7 @@ impl QueueWorker {
             scratch: Scratch::default(),
             done: Vec::new(),
             throttled: false,
+            batch_bytes,
             vring: None,
             guest_errors: RateLimit::new(Duration::from_secs(1)),
             guest_poll: AdaptivePoll::new(poll_max),
@@ -122,9 +148,14 @@ impl QueueWorker {
                     if let Err(e) = state.disable_notification() {
                         self.guest_error(format_args!("cannot disable notifications: {e}"));
                     }
-                    self.pop_all(&mut state, mem);
-                    self.engine.commit(&mut self.done);
-                    self.return_used(&mut state);
+                    loop {
+                        let more = self.pop_batch(&mut state, mem);
+                        self.engine.commit(&mut self.done);
+                        self.return_used(&mut state);
+                        if !more {
+                            break;
+                        }
+                    }
                 }
                 popping.is_some()
             };
@@ -217,27 +248,36 @@ impl QueueWorker {
         self.thread_events = None;
     }
 
-    fn pop_all(&mut self, state: &mut State, mem: &Arc<GuestMemory>) {
+    /// Pops and hands to the engine what the ring holds, up to `batch_bytes` of data. True if
+    /// it stopped there with more to pop.
+    fn pop_batch(&mut self, state: &mut State, mem: &Arc<GuestMemory>) -> bool {
         let mut chains = match state.get_queue_mut().iter(&**mem) {
             Ok(chains) => chains,
             // Kicked before the ring is set up, or after it was stopped.
-            Err(virtio_queue::Error::QueueNotReady) => return,
+            Err(virtio_queue::Error::QueueNotReady) => return false,
             Err(e) => {
                 self.guest_error(format_args!("bad available ring: {e}"));
-                return;
+                return false;
             }
         };
+        let mut bytes = 0u64;
         loop {
+            if bytes >= self.batch_bytes {
+                return true;
+            }
             if !self.engine.has_room() {
                 self.throttled = true;
-                return;
+                return false;
             }
             let Some(chain) = chains.next() else {
-                return;
+                return false;
             };
             let head = chain.head_index();
             match parse(head, chain, mem, &self.limits, &mut self.scratch) {
-                Parsed::Io(request) => self.engine.submit(request, mem, &mut self.done),
+                Parsed::Io(request) => {
+                    bytes += u64::from(request.data_len());
+                    self.engine.submit(request, mem, &mut self.done);
+                }
                 Parsed::Done {
                     head,
                     status_addr,
@@ -361,5 +401,18 @@ fn log_guest_error(limit: &mut RateLimit, queue: usize, message: std::fmt::Argum
         } else {
             log::warn!("queue {queue}: {message}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_the_whole_ring_unless_a_cpu_is_left_for_the_guest() {
+        assert_eq!(batch_bytes(1, 2), BATCH_BYTES);
+        assert_eq!(batch_bytes(3, 8), BATCH_BYTES);
+        assert_eq!(batch_bytes(2, 2), u64::MAX);
+        assert_eq!(batch_bytes(1, 1), u64::MAX);
     }
 }

@@ -72,6 +72,14 @@ impl Request {
             _ => 1,
         }
     }
+
+    /// Bytes of data the request moves (reads and writes; nothing for the others).
+    pub fn data_len(&self) -> u32 {
+        match &self.operation {
+            Operation::Read { data, .. } | Operation::Write { data, .. } => total_len(data),
+            _ => 0,
+        }
+    }
 }
 
 pub fn total_len(segments: &[Segment]) -> u32 {
