@@ -36,8 +36,8 @@ const BATCH_BYTES: u64 = 128 * 1024;
 /// Buffered requests complete inside their submission (a copy to or from the page cache).
 /// Returning them after every 128 KiB, rather than after the whole ring, lets the guest handle
 /// those and queue more while the worker copies the next ones: measured with 128 KiB buffered
-/// reads at QD8 on one queue, 1.3 times the IOPS. Small requests still go by the ring-full (32
-/// of 4 KiB in one submission). That overlap needs a CPU for the guest while the workers copy:
+/// reads at QD8 on one queue, 1.1 to 1.4 times the IOPS. Small requests still go by the
+/// ring-full (32 of 4 KiB in one submission). That overlap needs a CPU for the guest while the workers copy:
 /// with as many worker threads as CPUs, the early returns only add wake-ups (measured: 4 queues
 /// on 2 threads on 2 CPUs, 25 % fewer IOPS), so then a batch is the whole ring.
 pub fn batch_bytes(threads: u16, cpus: usize) -> u64 {
