@@ -197,28 +197,17 @@ fn queues_sharing_threads_all_serve_at_once() {
         let daemon = Daemon::start("mq-threads", &["--queues", "4", "--threads", threads]);
         let mut blk = daemon.connect(4);
         let ram = blk.ram().clone();
-        let mem = ram.memory();
         // 16 writes in flight on every queue before any is waited for.
         let mut requests = Vec::new();
         for queue in 0..4 {
             for i in 0..16u64 {
                 let block = queue as u64 * 16 + i;
-                let header_addr = ram.alloc(16, 16).unwrap();
-                let data_addr = ram.alloc(4096, 4096).unwrap();
-                let status_addr = ram.alloc(1, 1).unwrap();
-                mem.write_slice(&header(VIRTIO_BLK_T_OUT, block * 8), header_addr)
+                let slot = Slot::new(&blk, VIRTIO_BLK_T_OUT, block * 8, 4096);
+                ram.memory()
+                    .write_slice(&random_bytes(block, 4096), slot.data)
                     .unwrap();
-                mem.write_slice(&random_bytes(block, 4096), data_addr)
-                    .unwrap();
-                mem.write_obj(STATUS_UNTOUCHED, status_addr).unwrap();
-                blk.queue(queue)
-                    .add(&[
-                        Buffer::readable(header_addr, 16),
-                        Buffer::readable(data_addr, 4096),
-                        Buffer::writable(status_addr, 1),
-                    ])
-                    .unwrap();
-                requests.push(status_addr);
+                slot.add(&mut blk, queue);
+                requests.push(slot);
             }
         }
         for queue in 0..4 {
@@ -231,8 +220,8 @@ fn queues_sharing_threads_all_serve_at_once() {
                     .unwrap_or_else(|e| panic!("--threads {threads}: queue {queue}: {e}"));
             }
         }
-        for status_addr in requests {
-            assert_eq!(mem.read_obj::<u8>(status_addr).unwrap(), OK);
+        for slot in &requests {
+            assert_eq!(slot.status(&blk), OK);
         }
         for block in 0..64u64 {
             let on_disk = read_file_range(&daemon.image, block * 4096, 4096);
@@ -264,34 +253,18 @@ fn large_buffered_reads_come_back_before_the_whole_batch() {
     }
     let daemon = Daemon::start("early-returns", &[]);
     let mut blk = daemon.connect(1);
-    let ram = blk.ram().clone();
-    let mem = ram.memory();
-    let mut slots = Vec::new();
-    for i in 0..REQUESTS {
-        let header_addr = ram.alloc(16, 16).unwrap();
-        let data_addr = ram.alloc(u64::from(LEN), 4096).unwrap();
-        let status_addr = ram.alloc(1, 1).unwrap();
-        let sector = i * u64::from(LEN) / 512;
-        mem.write_slice(&header(VIRTIO_BLK_T_IN, sector), header_addr)
-            .unwrap();
-        slots.push((header_addr, data_addr, status_addr));
-    }
+    let slots: Vec<Slot> = (0..REQUESTS)
+        .map(|i| Slot::new(&blk, VIRTIO_BLK_T_IN, i * u64::from(LEN) / 512, LEN))
+        .collect();
     let mut first_wake = Vec::new();
     for _ in 0..5 {
         // All of it in the page cache, so every read is a copy inside its submission.
         std::fs::read(&daemon.image).unwrap();
-        let queue = blk.queue(0);
-        assert!(!queue.enable_interrupts().unwrap());
-        for &(header_addr, data_addr, status_addr) in &slots {
-            mem.write_obj(STATUS_UNTOUCHED, status_addr).unwrap();
-            queue
-                .add(&[
-                    Buffer::readable(header_addr, 16),
-                    Buffer::writable(data_addr, LEN),
-                    Buffer::writable(status_addr, 1),
-                ])
-                .unwrap();
+        assert!(!blk.queue(0).enable_interrupts().unwrap());
+        for slot in &slots {
+            slot.add(&mut blk, 0);
         }
+        let queue = blk.queue(0);
         queue.notify().unwrap();
         assert!(
             queue.wait_call(Duration::from_secs(5)).unwrap(),
@@ -306,10 +279,10 @@ fn large_buffered_reads_come_back_before_the_whole_batch() {
             queue.wait_used(Duration::from_secs(5)).unwrap();
             returned += 1;
         }
-        for (i, &(_, data_addr, status_addr)) in slots.iter().enumerate() {
-            assert_eq!(mem.read_obj::<u8>(status_addr).unwrap(), OK);
+        for (i, slot) in slots.iter().enumerate() {
+            assert_eq!(slot.status(&blk), OK);
             let mut got = vec![0u8; 4096];
-            mem.read_slice(&mut got, data_addr).unwrap();
+            blk.ram().memory().read_slice(&mut got, slot.data).unwrap();
             let offset = i as u64 * u64::from(LEN);
             assert!(got
                 .iter()
@@ -384,28 +357,16 @@ fn indirect_descriptors_and_buffers_across_regions() {
 fn many_requests_in_flight_complete() {
     let daemon = Daemon::start("inflight", &[]);
     let mut blk = daemon.connect(1);
-    let ram = blk.ram().clone();
-    let mem = ram.memory();
     // 64 writes of 4 KiB at once, each with its own header, data and status.
     let mut requests = Vec::new();
     for i in 0..64u64 {
-        let header_addr = ram.alloc(16, 16).unwrap();
-        let data_addr = ram.alloc(4096, 4096).unwrap();
-        let status_addr = ram.alloc(1, 1).unwrap();
-        mem.write_slice(&header(VIRTIO_BLK_T_OUT, i * 8), header_addr)
+        let slot = Slot::new(&blk, VIRTIO_BLK_T_OUT, i * 8, 4096);
+        blk.ram()
+            .memory()
+            .write_slice(&random_bytes(1000 + i, 4096), slot.data)
             .unwrap();
-        mem.write_slice(&random_bytes(1000 + i, 4096), data_addr)
-            .unwrap();
-        mem.write_obj(STATUS_UNTOUCHED, status_addr).unwrap();
-        let head = blk
-            .queue(0)
-            .add(&[
-                Buffer::readable(header_addr, 16),
-                Buffer::readable(data_addr, 4096),
-                Buffer::writable(status_addr, 1),
-            ])
-            .unwrap();
-        requests.push((head, status_addr));
+        let head = slot.add(&mut blk, 0);
+        requests.push((head, slot));
     }
     blk.queue(0).notify().unwrap();
     let mut seen = std::collections::HashSet::new();
@@ -416,8 +377,8 @@ fn many_requests_in_flight_complete() {
             .unwrap();
         assert!(seen.insert(head), "head {head} returned twice");
     }
-    for &(_, status_addr) in &requests {
-        assert_eq!(mem.read_obj::<u8>(status_addr).unwrap(), OK);
+    for (_, slot) in &requests {
+        assert_eq!(slot.status(&blk), OK);
     }
     for i in 0..64u64 {
         let on_disk = read_file_range(&daemon.image, i * 4096, 4096);

@@ -12,9 +12,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use cloister_backends::test_frontend::blk::*;
-use cloister_backends::test_frontend::Buffer;
 use common::*;
-use vm_memory::Bytes;
 
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
 /// Longer than any pause below, so a polling worker is still polling when the test looks.
@@ -64,30 +62,16 @@ fn paused_reads(blk: &mut TestBlk, done_before: &mut u16, count: u32) -> Seen {
 /// `rounds` times, 8 reads in flight on each of `queues` queues at once.
 fn concurrent_reads(blk: &mut TestBlk, queues: usize, rounds: u32) {
     const DEPTH: u64 = 8;
-    let ram = blk.ram().clone();
-    let mem = ram.memory();
     let mut slots = Vec::new();
     for queue in 0..queues {
         for i in 0..DEPTH {
-            let header_addr = ram.alloc(16, 16).unwrap();
-            let data_addr = ram.alloc(4096, 4096).unwrap();
-            let status_addr = ram.alloc(1, 1).unwrap();
             let sector = (queue as u64 * DEPTH + i) * 8;
-            mem.write_slice(&header(VIRTIO_BLK_T_IN, sector), header_addr)
-                .unwrap();
-            slots.push((queue, header_addr, data_addr, status_addr));
+            slots.push((queue, Slot::new(blk, VIRTIO_BLK_T_IN, sector, 4096)));
         }
     }
     for _ in 0..rounds {
-        for &(queue, header_addr, data_addr, status_addr) in &slots {
-            mem.write_obj(STATUS_UNTOUCHED, status_addr).unwrap();
-            blk.queue(queue)
-                .add(&[
-                    Buffer::readable(header_addr, 16),
-                    Buffer::writable(data_addr, 4096),
-                    Buffer::writable(status_addr, 1),
-                ])
-                .unwrap();
+        for (queue, slot) in &slots {
+            slot.add(blk, *queue);
         }
         for queue in 0..queues {
             blk.queue(queue).notify().unwrap();
@@ -97,8 +81,8 @@ fn concurrent_reads(blk: &mut TestBlk, queues: usize, rounds: u32) {
                 blk.queue(queue).wait_used(Duration::from_secs(5)).unwrap();
             }
         }
-        for &(_, _, _, status_addr) in &slots {
-            assert_eq!(mem.read_obj::<u8>(status_addr).unwrap(), OK);
+        for (_, slot) in &slots {
+            assert_eq!(slot.status(blk), OK);
         }
     }
 }

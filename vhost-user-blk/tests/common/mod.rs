@@ -11,7 +11,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use cloister_backends::test_frontend::blk::{features_wanted, TestBlk};
+use cloister_backends::test_frontend::blk::{
+    features_wanted, header, TestBlk, HEADER_LEN, STATUS_UNTOUCHED, VIRTIO_BLK_T_OUT,
+};
+use cloister_backends::test_frontend::Buffer;
+use vm_memory::{Bytes, GuestAddress};
 
 pub const BINARY: &str = env!("CARGO_BIN_EXE_vhost-user-blk");
 pub const IMAGE_SIZE: u64 = 16 << 20;
@@ -235,4 +239,57 @@ pub fn run_cli(args: &[&str]) -> (ExitStatus, String) {
 /// Connecting is how a frontend shows up; used to check a socket is live.
 pub fn socket_accepts(path: &Path) -> bool {
     UnixStream::connect(path).is_ok()
+}
+
+/// One read or write request's own guest buffers (header, data, status), for tests that keep
+/// many requests in flight at once.
+pub struct Slot {
+    pub header: GuestAddress,
+    pub data: GuestAddress,
+    pub status: GuestAddress,
+    pub len: u32,
+    pub write: bool,
+}
+
+impl Slot {
+    /// Allocates the buffers in the frontend's RAM and writes the header.
+    pub fn new(blk: &TestBlk, kind: u32, sector: u64, len: u32) -> Self {
+        let ram = blk.ram();
+        let slot = Self {
+            header: ram.alloc(u64::from(HEADER_LEN), 16).unwrap(),
+            data: ram.alloc(u64::from(len), 4096).unwrap(),
+            status: ram.alloc(1, 1).unwrap(),
+            len,
+            write: kind == VIRTIO_BLK_T_OUT,
+        };
+        ram.memory()
+            .write_slice(&header(kind, sector), slot.header)
+            .unwrap();
+        slot
+    }
+
+    /// Queues the request on `queue` (not yet published: see `SplitQueue::notify`).
+    pub fn add(&self, blk: &mut TestBlk, queue: usize) -> u16 {
+        blk.ram()
+            .memory()
+            .write_obj(STATUS_UNTOUCHED, self.status)
+            .unwrap();
+        let data = if self.write {
+            Buffer::readable(self.data, self.len)
+        } else {
+            Buffer::writable(self.data, self.len)
+        };
+        blk.queue(queue)
+            .add(&[
+                Buffer::readable(self.header, HEADER_LEN),
+                data,
+                Buffer::writable(self.status, 1),
+            ])
+            .unwrap()
+    }
+
+    /// The status byte the device wrote.
+    pub fn status(&self, blk: &TestBlk) -> u8 {
+        blk.ram().memory().read_obj(self.status).unwrap()
+    }
 }
