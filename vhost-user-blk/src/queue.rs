@@ -175,10 +175,12 @@ impl QueueWorker {
                     // two queues each resuming for the other's would hand the thread back and
                     // forth for ever).
                     let thread_events = self.thread_events;
-                    if spin_until(now, window, || {
-                        has_work(vring, mem, control) || events_waiting(thread_events)
-                    }) && has_work(vring, mem, control)
-                    {
+                    let mut own_work = false;
+                    spin_until(now, window, || {
+                        own_work = has_work(vring, mem, control);
+                        own_work || events_waiting(thread_events)
+                    });
+                    if own_work {
                         self.guest_poll.work(Instant::now());
                         continue;
                     }
@@ -208,9 +210,9 @@ impl QueueWorker {
     }
 
     /// Returns the thread to the event loop with this queue still to serve: the resume event
-    /// calls `serve` again once the loop has handled what else is waiting. Notifications stay
-    /// off meanwhile, so nothing the guest adds is missed. False if the event can't be raised
-    /// (then the caller keeps the thread).
+    /// calls `serve` again once the loop has handled what else is waiting, so nothing the
+    /// guest added is left behind (kicked or not). False if the event can't be raised (then
+    /// the caller keeps the thread).
     fn hand_back(&mut self) -> bool {
         if self.resume.write(1).is_ok() {
             self.resume_armed = true;
