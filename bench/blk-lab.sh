@@ -13,6 +13,27 @@ out=$RESULTS_DIR
 # cpu PID: utime+stime in clock ticks.
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
+# Longest one VM's boot and fio jobs may take before the run is given up: a guest whose I/O
+# stalls must not hold the whole lab boot until its timeout.
+run_limit=$((120 + 6 * 4 * secs))
+
+# watchdog PID LOG: in the background, kills the VM (saying so, with its console's last lines)
+# if it still runs after run_limit seconds; ends by itself within a second of the VM.
+watchdog() {
+    (
+        t=0
+        while kill -0 "$1" 2>/dev/null && [ "$t" -lt "$run_limit" ]; do
+            sleep 1
+            t=$((t + 1))
+        done
+        if kill -0 "$1" 2>/dev/null; then
+            echo "!! $(basename "$2"): still running after $run_limit s, killed; its console ended with:"
+            tail -n 5 "$2" | tr -d '\r' | sed 's/^/!!   /'
+            kill -9 "$1"
+        fi
+    ) &
+}
+
 # wait_line FILE TEXT: until TEXT is in FILE, while $vm runs.
 wait_line() {
     while ! grep -q "$2" "$1" 2>/dev/null && kill -0 "$vm" 2>/dev/null; do sleep 0.2; done
@@ -24,14 +45,16 @@ cloister_run() {
         --cpus boot=1 --memory size=1G --disk "path=$img,num_queues=1,queue_size=256" \
         --serial "file=$log" >"$log.vmm" 2>&1 &
     vm=$!
+    watchdog "$vm" "$log"
     # The VMM main thread's CPU time from the guest's start to its result: near zero, since
     # kicks and interrupts bypass it.
     wait_line "$log" CLOISTER-GUEST-UP
     before=$(cpu "$vm/task/$vm")
     wait_line "$log" CLOISTER-GUEST-RESULT
     after=$(cpu "$vm/task/$vm")
-    wait $vm
-    echo "rc=$?" >>"$log.vmm"
+    rc=0
+    wait "$vm" || rc=$?
+    echo "rc=$rc" >>"$log.vmm"
     echo "$((after - before))" >"$log.main"
 }
 
@@ -49,8 +72,12 @@ qemu_run() {
         -nodefaults -no-reboot -nographic -serial "file:$log" \
         -chardev "socket,id=blk0,path=$out/qsd.sock" \
         -device vhost-user-blk-pci,chardev=blk0,num-queues=1,queue-size=256 \
-        -kernel "$GUEST_DIR/bzImage" -initrd "$initramfs" -append "$cmdline" >"$log.vmm" 2>&1
-    echo "rc=$?" >>"$log.vmm"
+        -kernel "$GUEST_DIR/bzImage" -initrd "$initramfs" -append "$cmdline" >"$log.vmm" 2>&1 &
+    vm=$!
+    watchdog "$vm" "$log"
+    rc=0
+    wait "$vm" || rc=$?
+    echo "rc=$rc" >>"$log.vmm"
     kill $qsd
     wait $qsd
 }
