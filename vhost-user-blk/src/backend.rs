@@ -21,7 +21,7 @@ use crate::disk::{Disk, SECTOR_SIZE};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::io_uring_engine::UringEngine;
-use crate::queue::{batch_bytes, QueueWorker, Vring};
+use crate::queue::{early_return, QueueWorker, Vring};
 use crate::request::Limits;
 use crate::sync_engine::SyncEngine;
 use crate::threads::ThreadMap;
@@ -112,7 +112,7 @@ impl BlkDevice {
                 engine,
                 Arc::clone(&limits),
                 config.poll_max,
-                batch_bytes(config.threads, config.cpus),
+                early_return(config.threads, config.cpus),
             )
             .map_err(|source| Error::Worker { queue, source })?;
             workers.push(WorkerSlot {

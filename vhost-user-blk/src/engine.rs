@@ -12,6 +12,17 @@ use crate::io_uring_engine::UringEngine;
 use crate::request::{Request, Segment};
 use crate::sync_engine::SyncEngine;
 
+/// How a request just submitted completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completes {
+    /// On the queue's own thread, by the end of the batch's `commit`: a copy to or from the
+    /// page cache (falling back to the kernel only if the data isn't cached), or an error.
+    Inline,
+    /// When the kernel finishes it (O_DIRECT I/O, flushes, discards): the completion event
+    /// fires.
+    Later,
+}
+
 /// A request that is finished: its status byte is written; return `head` with `used_len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {
@@ -44,10 +55,18 @@ impl Engine {
     }
 
     /// Starts `request`; finished requests (all of them, for the sync engine) go to `done`.
-    pub fn submit(&mut self, request: Request, mem: &Arc<GuestMemory>, done: &mut Vec<Completion>) {
+    pub fn submit(
+        &mut self,
+        request: Request,
+        mem: &Arc<GuestMemory>,
+        done: &mut Vec<Completion>,
+    ) -> Completes {
         match self {
             Engine::Uring(e) => e.submit(request, mem, done),
-            Engine::Sync(e) => e.submit(request, mem, done),
+            Engine::Sync(e) => {
+                e.submit(request, mem, done);
+                Completes::Inline
+            }
         }
     }
 

@@ -19,7 +19,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use vm_memory::GuestAddress;
 
 use crate::disk::{advance_iovecs, Disk};
-use crate::engine::{iovecs, Completion};
+use crate::engine::{iovecs, Completes, Completion};
 use crate::request::{write_status, Operation, Range, Request, STATUS_IOERR, STATUS_OK};
 
 /// Index of the image's descriptors in the ring's fixed-file table.
@@ -151,7 +151,12 @@ impl UringEngine {
         self.ring.as_raw_fd()
     }
 
-    pub fn submit(&mut self, request: Request, mem: &Arc<GuestMemory>, done: &mut Vec<Completion>) {
+    pub fn submit(
+        &mut self,
+        request: Request,
+        mem: &Arc<GuestMemory>,
+        done: &mut Vec<Completion>,
+    ) -> Completes {
         let Some(index) = self.free.pop() else {
             // The queue checks `has_room` first; answer rather than lose the request.
             write_status(mem, request.status, STATUS_IOERR);
@@ -159,7 +164,7 @@ impl UringEngine {
                 head: request.head,
                 used_len: 1,
             });
-            return;
+            return Completes::Inline;
         };
         self.in_flight += 1;
         let used_ok = request.used_len_ok();
@@ -180,13 +185,13 @@ impl UringEngine {
                     .build()
                     .user_data(u64::from(index));
                 self.push_for(index, entry, done);
-                return;
+                return Completes::Later;
             }
             Operation::Fallocate { ranges } => {
                 slot.kind = Kind::Fallocate;
                 slot.ranges = ranges;
                 self.push_fallocate(index, done);
-                return;
+                return Completes::Later;
             }
         };
         slot.kind = kind;
@@ -196,7 +201,7 @@ impl UringEngine {
         if iovecs(mem, &data, &mut slot.iovecs).is_err() {
             slot.status = STATUS_IOERR;
             self.finish(index, done);
-            return;
+            return Completes::Inline;
         }
         slot.remaining = slot.iovecs.iter().map(|iov| iov.iov_len).sum();
         let aligned = self.disk.aligned(offset, &slot.iovecs);
@@ -209,16 +214,17 @@ impl UringEngine {
                 slot.status = STATUS_IOERR;
             }
             self.finish(index, done);
-            return;
+            return Completes::Inline;
         }
         slot.file = if aligned { FILE_MAIN } else { FILE_BUFFERED };
         if kind == Kind::Read && (!aligned || self.disk.direct_alignment().is_none()) {
             // Decided in `commit`, once the batch is known.
             self.deferred.push(index);
-            return;
+            return Completes::Inline;
         }
         let entry = rw_entry(slot, index);
         self.push_for(index, entry, done);
+        Completes::Later
     }
 
     /// One fallocate SQE per range; the request finishes when the last one completes.
