@@ -261,8 +261,9 @@ fn small_buffered_reads_come_back_before_the_whole_batch() {
 }
 
 /// `requests` reads of `len` bytes each from the page cache, all in the ring at once: on at
-/// least one of 20 tries (other tests may keep this thread off the CPU), the first interrupt must find fewer than all of them returned (the
-/// backend has a CPU to spare, so it returns finished requests while it copies the rest).
+/// least one of 20 tries (other tests may keep this thread off the CPU), the first interrupt
+/// must find fewer than all of them returned (the backend has a CPU to spare, so it returns
+/// finished requests while it copies the rest).
 fn assert_reads_come_back_early(test: &str, requests: u64, len: u32) {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cpus < 2 {
