@@ -238,8 +238,8 @@ fn queues_sharing_threads_all_serve_at_once() {
 }
 
 /// Buffered reads complete inside their submission; with a CPU to spare for the guest, the
-/// worker returns them every 128 KiB instead of after the whole ring, so the guest gets the
-/// first while the worker copies the rest.
+/// worker returns them every 4 requests or 128 KiB instead of after the whole ring, so the
+/// guest gets the first while the worker copies the rest.
 #[test]
 fn large_buffered_reads_come_back_before_the_whole_batch() {
     assert_reads_come_back_early(
