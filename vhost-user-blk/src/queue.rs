@@ -146,6 +146,7 @@ impl QueueWorker {
             if self.throttled && self.engine.has_room() {
                 self.throttled = false;
             }
+            let mut cut_short = false;
             let popping = {
                 let mut state = vring.get_mut();
                 self.return_used(&mut state);
@@ -157,20 +158,31 @@ impl QueueWorker {
                     if let Err(e) = state.disable_notification() {
                         self.guest_error(format_args!("cannot disable notifications: {e}"));
                     }
-                    loop {
+                    // A guest that refills the ring as fast as batches go back keeps `more`
+                    // true: the control thread, the busy limit and the thread's other queues
+                    // cut the stretch short, and the thread is handed back below.
+                    cut_short = loop {
                         let more = self.pop_batch(&mut state, mem);
                         self.engine.commit(&mut self.done);
                         self.return_used(&mut state);
                         if !more {
-                            break;
+                            break false;
                         }
-                    }
+                        if control.load(Ordering::Acquire) != 0
+                            || started.elapsed() >= MAX_BUSY
+                            || events_waiting(self.thread_events)
+                        {
+                            break true;
+                        }
+                    };
                 }
                 popping.is_some()
             };
-            // Out of work for now.
+            // Out of work for now, or cut short.
             let now = Instant::now();
-            if (control.load(Ordering::Acquire) != 0 || now.duration_since(started) >= MAX_BUSY)
+            if (cut_short
+                || control.load(Ordering::Acquire) != 0
+                || now.duration_since(started) >= MAX_BUSY)
                 && self.hand_back()
             {
                 return;
