@@ -98,6 +98,94 @@ fn stopping_a_queue_finishes_requests_in_flight() {
 }
 
 #[test]
+fn stopping_a_queue_the_guest_keeps_full() {
+    // Buffered reads from the page cache complete inline, and with a CPU to spare the worker
+    // returns them while more wait in the ring (each 8 MiB read exceeds the 128 KiB share).
+    // A guest that puts each one straight back keeps the ring from running dry: GET_VRING_BASE
+    // must still get its answer while that goes on. (8 MiB reads take the worker far longer
+    // than the test takes to put one back, even in a debug build.)
+    use cloister_backends::test_frontend::{Buffer, SplitQueue};
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+    const READ_LEN: u32 = 8 << 20;
+
+    let daemon = Daemon::start("stop-busy", &[]);
+    let mut blk = daemon.connect(1);
+    let ram = blk.ram().clone();
+    let mem = ram.memory();
+    // The data all goes to one buffer: only the ring's traffic matters here.
+    let data = ram.alloc(READ_LEN.into(), 4096).unwrap();
+    let requests: Vec<[Buffer; 3]> = (0..16)
+        .map(|_| {
+            let header_addr = ram.alloc(16, 16).unwrap();
+            mem.write_slice(&header(VIRTIO_BLK_T_IN, 0), header_addr)
+                .unwrap();
+            [
+                Buffer::readable(header_addr, 16),
+                Buffer::writable(data, READ_LEN),
+                Buffer::writable(ram.alloc(1, 1).unwrap(), 1),
+            ]
+        })
+        .collect();
+    let (connection, queue) = blk.connection_and_queue(0);
+    let mut request_of_head = HashMap::new();
+    for (i, buffers) in requests.iter().enumerate() {
+        request_of_head.insert(queue.add(buffers).unwrap(), i);
+    }
+    queue.kick_now().unwrap();
+    // Puts every returned request straight back; returns how many.
+    let mut refill = |queue: &mut SplitQueue| {
+        let mut count = 0;
+        while let Some((head, _)) = queue.pop_used().unwrap() {
+            let request = request_of_head.remove(&head).unwrap();
+            request_of_head.insert(queue.add(&requests[request]).unwrap(), request);
+            count += 1;
+        }
+        queue.notify().unwrap();
+        count
+    };
+    let mut refilled = 0u64;
+    // Streaming first, so that the stop finds the worker in the middle of it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refilled < 32 {
+        assert!(
+            Instant::now() < deadline,
+            "only {refilled} reads done in 10 s"
+        );
+        refilled += refill(queue);
+    }
+    let limit = Duration::from_secs(10);
+    let (stopped_after, base) = std::thread::scope(|scope| {
+        let start = Instant::now();
+        let stopper = scope.spawn(move || (connection.stop_queue(0), start.elapsed()));
+        while !stopper.is_finished() && start.elapsed() < limit {
+            refilled += refill(queue);
+        }
+        let (base, stopped_after) = stopper.join().unwrap();
+        (stopped_after, base.unwrap())
+    });
+    assert!(
+        stopped_after < limit,
+        "GET_VRING_BASE took {stopped_after:?} while the ring was kept full ({refilled} \
+         requests put back); it was answered only once the guest stopped refilling"
+    );
+    // Everything the backend took was finished before it answered.
+    let mut used = refilled;
+    while queue.pop_used().unwrap().is_some() {
+        used += 1;
+    }
+    // The ring position is 16 bits.
+    assert_eq!(
+        base,
+        (used % 65536) as u32,
+        "GET_VRING_BASE vs requests returned"
+    );
+    for request in &requests {
+        assert_eq!(mem.read_obj::<u8>(request[2].addr).unwrap(), OK);
+    }
+}
+
+#[test]
 fn sigterm_and_sigint_stop_cleanly_and_remove_the_socket() {
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let mut daemon = Daemon::start("signal", &[]);

@@ -172,6 +172,12 @@ impl TestBlk {
         &mut self.queues[index]
     }
 
+    /// The connection and one queue at once, e.g. to stop the queue from one thread while
+    /// another keeps filling it.
+    pub fn connection_and_queue(&mut self, index: usize) -> (&mut Connection, &mut SplitQueue) {
+        (&mut self.connection, &mut self.queues[index])
+    }
+
     pub fn config(&mut self) -> Result<BlkConfig> {
         let bytes = self.connection.config(0, CONFIG_LEN)?;
         BlkConfig::parse(&bytes).ok_or_else(|| Error::Access("config space too short".into()))
