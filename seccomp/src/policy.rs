@@ -345,6 +345,8 @@ fn vmm_vcpu() -> Vec<Rule> {
         allow(SYS_recvmsg, "vhost-user replies"),
         allow(SYS_shutdown, "drops a backend connection that failed a request"),
         allow(SYS_read, "eventfds, when an interrupt has to be delivered the slow way"),
+        allow(SYS_poll, "the guest reads MSI-X pending bits: whether a masked vector's eventfd was signalled (zero timeout)"),
+        allow(SYS_ppoll, "poll on libcs that implement it with ppoll"),
     ]
 }
 

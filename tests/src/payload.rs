@@ -39,6 +39,11 @@ pub const MARKER_SMP_BSP: &str = "CLOISTER-SMP-BSP";
 /// The application processor came up through INIT/SIPI and ran its real-mode code.
 pub const MARKER_SMP_AP_OK: &str = "CLOISTER-SMP-AP-OK";
 pub const MARKER_SMP_AP_TIMEOUT: &str = "CLOISTER-SMP-AP-TIMEOUT";
+/// Printed by [`Payload::PciPba`] when the pending bits it read were all clear.
+pub const MARKER_PBA_CLEAR: &str = "CLOISTER-PCI-PBA-CLEAR";
+pub const MARKER_PBA_PENDING: &str = "CLOISTER-PCI-PBA-PENDING";
+/// No virtio-pci device, or no VIRTIO_PCI_CAP_PCI_CFG capability in its list.
+pub const MARKER_PCI_NOT_FOUND: &str = "CLOISTER-PCI-NOT-FOUND";
 /// Printed by [`Payload::StringIo`] with `rep outsb`; the `QQQ` comes from `rep insb`.
 pub const MARKER_STRING_IO: &str = "CLOISTER-STRING-IO-QQQ";
 
@@ -70,6 +75,11 @@ pub enum Payload {
     /// 2-byte `out` to pvpanic (bit 0 of its first byte clear), `rep insb` from the UART's
     /// scratch register into its own marker, then the marker through `rep outsb`; powers off.
     StringIo,
+    /// Finds the first virtio-pci device on bus 0 through 0xCF8/0xCFC, walks its capability
+    /// list to VIRTIO_PCI_CAP_PCI_CFG, reads the first dword of the MSI-X pending-bit array
+    /// through that window (BAR 0 + 0x5000: no BAR mapping needed), reports whether it was
+    /// clear, powers off.
+    PciPba,
     /// [`FLOOD_PAGES`] pages of console output, 4 KiB per `rep outsb` (one exit each), then
     /// [`MARKER_FLOOD_DONE`] and poweroff.
     Flood,
@@ -95,6 +105,17 @@ const AP_FLAG: u32 = AP_BASE + 0x1000;
 /// An address in the 32-bit MMIO hole with nothing behind it.
 const NOWHERE: u32 = 0xd000_0000;
 const PVH_START_MAGIC: u32 = 0x336e_c578;
+/// PCI configuration mechanism #1.
+const PCI_CONFIG_ADDRESS: u16 = 0xcf8;
+const PCI_CONFIG_DATA: u16 = 0xcfc;
+const PCI_VENDOR_VIRTIO: u32 = 0x1af4;
+/// VIRTIO_PCI_CAP_PCI_CFG's fields: BAR, offset in it, length, then the data window.
+const PCI_CFG_CAP_BAR: u32 = 4;
+const PCI_CFG_CAP_OFFSET: u32 = 8;
+const PCI_CFG_CAP_LENGTH: u32 = 12;
+const PCI_CFG_CAP_DATA: u32 = 16;
+/// Where virtio-pci puts the MSI-X pending-bit array in BAR 0.
+const VIRTIO_PCI_PBA_OFFSET: u32 = 0x5000;
 
 /// LAPIC registers (xAPIC MMIO).
 const APIC_SVR: u32 = APIC_START as u32 + 0xf0;
@@ -175,6 +196,18 @@ impl Asm {
         self.mov_dx(port);
         self.emit(&[0xb0, v]); // mov al, imm8
         self.emit(&[0xee]); // out dx, al
+    }
+
+    /// Config-space address register := EBP | EDI + `offset` (bus 0 function's base in EBP, a
+    /// capability's offset in EDI). Leaves DX at the data port.
+    fn pci_select(&mut self, offset: u32) {
+        self.emit(&[0x89, 0xe8]); // mov eax, ebp
+        self.emit(&[0x09, 0xf8]); // or eax, edi
+        self.emit(&[0x05]); // add eax, imm32
+        self.imm32(offset);
+        self.mov_dx(PCI_CONFIG_ADDRESS);
+        self.emit(&[0xef]); // out dx, eax
+        self.mov_dx(PCI_CONFIG_DATA);
     }
 
     /// mov ecx, imm32
@@ -402,6 +435,75 @@ fn segments(kind: Payload) -> (Vec<u8>, Option<Vec<u8>>) {
             a.mov_ecx(line.len() as u32 + 1);
             a.mov_dx(COM1_PORT);
             a.emit(&[0xf3, 0x6e]); // rep outsb  (out dx, ds:[esi++], ecx times)
+            a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
+            a.halt_forever();
+        }
+        Payload::PciPba => {
+            let clear = d.line(MARKER_PBA_CLEAR);
+            let pending = d.line(MARKER_PBA_PENDING);
+            let missing = d.line(MARKER_PCI_NOT_FOUND);
+            // EBP: enable bit | bus 0 | device << 11; EDI: offset within the function.
+            a.emit(&[0x31, 0xff]); // xor edi, edi
+            a.emit(&[0xbd]); // mov ebp, imm32 (device 1: 0 is the host bridge)
+            a.imm32(0x8000_0000 | (1 << 11));
+            a.label("scan");
+            a.pci_select(0);
+            a.emit(&[0xed]); // in eax, dx  (device ID << 16 | vendor ID)
+            a.emit(&[0x25]); // and eax, imm32
+            a.imm32(0xffff);
+            a.emit(&[0x3d]); // cmp eax, imm32
+            a.imm32(PCI_VENDOR_VIRTIO);
+            a.je("device");
+            a.emit(&[0x81, 0xc5]); // add ebp, imm32
+            a.imm32(1 << 11);
+            a.emit(&[0x81, 0xfd]); // cmp ebp, imm32
+            a.imm32(0x8000_0000 | (32 << 11));
+            a.jne("scan");
+            a.jmp("missing");
+            a.label("device");
+            a.pci_select(0x34);
+            a.emit(&[0xed]); // in eax, dx  (capabilities pointer in the low byte)
+            a.emit(&[0x25]); // and eax, imm32
+            a.imm32(0xfc);
+            a.label("cap");
+            a.emit(&[0x89, 0xc7]); // mov edi, eax
+            a.emit(&[0x83, 0xff, 0x00]); // cmp edi, 0
+            a.je("missing");
+            a.pci_select(0);
+            a.emit(&[0xed]); // in eax, dx  (cfg_type << 24 | len << 16 | next << 8 | id)
+            a.emit(&[0x89, 0xc3]); // mov ebx, eax
+            a.emit(&[0x81, 0xe3]); // and ebx, imm32
+            a.imm32(0xff00_00ff);
+            a.emit(&[0x81, 0xfb]); // cmp ebx, imm32  (vendor-specific, VIRTIO_PCI_CAP_PCI_CFG)
+            a.imm32(0x0500_0009);
+            a.je("window");
+            a.emit(&[0xc1, 0xe8, 0x08]); // shr eax, 8
+            a.emit(&[0x25]); // and eax, imm32
+            a.imm32(0xfc);
+            a.jmp("cap");
+            a.label("window");
+            for (field, value) in [
+                (PCI_CFG_CAP_BAR, 0),
+                (PCI_CFG_CAP_OFFSET, VIRTIO_PCI_PBA_OFFSET),
+                (PCI_CFG_CAP_LENGTH, 4),
+            ] {
+                a.pci_select(field);
+                a.emit(&[0xb8]); // mov eax, imm32
+                a.imm32(value);
+                a.emit(&[0xef]); // out dx, eax
+            }
+            a.pci_select(PCI_CFG_CAP_DATA);
+            a.emit(&[0xed]); // in eax, dx  (BAR 0 + 0x5000: pending bits 0-31)
+            a.emit(&[0x85, 0xc0]); // test eax, eax
+            a.jne("pending");
+            a.print(clear, "clear_loop", "clear_done");
+            a.jmp("off");
+            a.label("pending");
+            a.print(pending, "pending_loop", "pending_done");
+            a.jmp("off");
+            a.label("missing");
+            a.print(missing, "missing_loop", "missing_done");
+            a.label("off");
             a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
             a.halt_forever();
         }

@@ -61,7 +61,12 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 
 /// Runs the power-off payload with `disks`, sockets under `runtime`; (status, stdout, stderr).
 fn run(runtime: &Path, disks: &[String]) -> (Option<i32>, String, String) {
-    let kernel = payload::write(Payload::PowerOff, &payload::scratch_dir()).expect("payload");
+    run_payload(Payload::PowerOff, runtime, disks)
+}
+
+/// Runs `kind` with `disks` (default sandbox), sockets under `runtime`.
+fn run_payload(kind: Payload, runtime: &Path, disks: &[String]) -> (Option<i32>, String, String) {
+    let kernel = payload::write(kind, &payload::scratch_dir()).expect("payload");
     let mut cmd = Command::new(payload::cloister_bin());
     cmd.arg("--kernel").arg(&kernel).arg("--serial").arg("tty");
     for d in disks {
@@ -110,6 +115,24 @@ fn managed_backends_start_and_are_stopped_with_the_vm() {
     );
     assert_eq!(status, Some(0), "stderr:\n{stderr}");
     assert_eq!(stdout, format!("{}\n", payload::MARKER_OK));
+    assert_eq!(stderr, "", "a clean run prints nothing");
+    assert_nothing_left(&runtime, &a);
+}
+
+#[test]
+fn the_guest_reads_msix_pending_bits_in_the_sandboxed_vcpu() {
+    // The PBA is read on the vCPU thread, from the vectors' eventfds, under the vCPU's seccomp
+    // filter; through VIRTIO_PCI_CAP_PCI_CFG so that the 32-bit payload needn't map BAR 0.
+    if !ready("the_guest_reads_msix_pending_bits_in_the_sandboxed_vcpu") {
+        return;
+    }
+    let dir = fresh_dir("host-disks-pba");
+    let runtime = fresh_dir("host-disks-pba-run");
+    let a = image(&dir, "a.img");
+    let (status, stdout, stderr) = run_payload(Payload::PciPba, &runtime, &[format!("path={a}")]);
+    assert_eq!(status, Some(0), "stderr:\n{stderr}");
+    // Every vector is masked and nothing was signalled: no bit pending.
+    assert_eq!(stdout, format!("{}\n", payload::MARKER_PBA_CLEAR));
     assert_eq!(stderr, "", "a clean run prints nothing");
     assert_nothing_left(&runtime, &a);
 }
