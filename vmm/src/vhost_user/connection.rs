@@ -22,8 +22,10 @@ use super::watchdog::Watchdog;
 use crate::memory::GuestMemoryMmap;
 use crate::virtio::VIRTIO_F_VERSION_1;
 
-/// How long a backend may take to answer one request. Generous: requests are few (setup,
-/// start, reset) and the lab runs everything under emulation.
+/// How long a backend may take to answer a request, or all the requests of one operation
+/// (negotiation, a device start, a reset), so that a backend answering each just in time can't
+/// stretch a start of 2 + 6 requests per queue to many times that. Generous: requests are few
+/// and the lab runs everything under emulation.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most queues we accept from GET_QUEUE_NUM: what the PCI transport's MSI-X table holds.
 pub const MAX_BACKEND_QUEUES: u64 = crate::virtio::pci_transport::MAX_QUEUES as u64;
@@ -45,6 +47,12 @@ pub enum ConnectionError {
     Setup(#[source] io::Error),
     #[error("{0}: no reply within {ms} ms", ms = .1.as_millis())]
     Timeout(&'static str, Duration),
+    #[error("{what} took more than {ms} ms (waiting for {request})", ms = .timeout.as_millis())]
+    OperationTimeout {
+        what: &'static str,
+        request: &'static str,
+        timeout: Duration,
+    },
     #[error("{0} failed")]
     Request(&'static str, #[source] vhost::Error),
     #[error("the backend does not offer VIRTIO_F_VERSION_1 (non-legacy virtio)")]
@@ -125,6 +133,8 @@ pub struct Connection {
     watchdog: Watchdog,
     socket: OwnedFd,
     timeout: Duration,
+    /// The operation whose deadline covers the requests being made, if any.
+    operation: Option<&'static str>,
     negotiated: Negotiated,
 }
 
@@ -151,14 +161,32 @@ impl Connection {
             watchdog,
             socket,
             timeout,
+            operation: None,
             negotiated: Negotiated {
                 features: 0,
                 protocol: VhostUserProtocolFeatures::empty(),
                 queues: 1,
             },
         };
-        conn.negotiate(queues)?;
+        conn.operation("negotiation", |conn| conn.negotiate(queues))?;
         Ok(conn)
+    }
+
+    /// Runs `f`'s requests under one deadline (the connection's timeout) rather than one each.
+    pub fn operation<T>(
+        &mut self,
+        what: &'static str,
+        f: impl FnOnce(&mut Self) -> Result<T, ConnectionError>,
+    ) -> Result<T, ConnectionError> {
+        if self.operation.is_some() {
+            return f(self);
+        }
+        let armed = self.watchdog.arm(self.timeout);
+        self.operation = Some(what);
+        let r = f(self);
+        self.operation = None;
+        drop(armed);
+        r
     }
 
     fn negotiate(&mut self, queues: u16) -> Result<(), ConnectionError> {
@@ -209,21 +237,26 @@ impl Connection {
         Ok(())
     }
 
-    /// Runs one request under the watchdog.
+    /// Runs one request under the watchdog: its own deadline, or its operation's.
     fn call<T>(
         &mut self,
         op: &'static str,
         f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
     ) -> Result<T, ConnectionError> {
-        let armed = self.watchdog.arm(self.timeout);
+        let armed = self
+            .operation
+            .is_none()
+            .then(|| self.watchdog.arm(self.timeout));
         let r = f(&mut self.frontend);
         drop(armed);
-        r.map_err(|e| {
-            if self.watchdog.fired() {
-                ConnectionError::Timeout(op, self.timeout)
-            } else {
-                ConnectionError::Request(op, e)
-            }
+        r.map_err(|e| match (self.watchdog.fired(), self.operation) {
+            (true, Some(what)) => ConnectionError::OperationTimeout {
+                what,
+                request: op,
+                timeout: self.timeout,
+            },
+            (true, None) => ConnectionError::Timeout(op, self.timeout),
+            (false, _) => ConnectionError::Request(op, e),
         })
     }
 
@@ -315,6 +348,8 @@ mod tests {
 
     enum Reply {
         Send(Vec<u8>),
+        /// Send, but only after a while.
+        Late(Duration, Vec<u8>),
         SendAndHangUp(Vec<u8>),
         /// Say nothing and keep the connection open.
         Silence,
@@ -338,6 +373,12 @@ mod tests {
             }
             match script(code) {
                 Reply::Send(bytes) => {
+                    if theirs.write_all(&bytes).is_err() {
+                        return;
+                    }
+                }
+                Reply::Late(after, bytes) => {
+                    std::thread::sleep(after);
                     if theirs.write_all(&bytes).is_err() {
                         return;
                     }
@@ -515,12 +556,61 @@ mod tests {
             Ok(_) => panic!("accepted a silent backend"),
             Err(e) => e,
         };
+        assert_eq!(
+            e.to_string(),
+            "negotiation took more than 200 ms (waiting for GET_FEATURES)"
+        );
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // A request on its own has a deadline of its own.
+        let silent_config: Script = |c| match c {
+            24 => Reply::Silence,
+            _ => base_reply(c, 1),
+        };
+        let mut conn =
+            Connection::with_timeout(hostile(silent_config), "test", 1, timeout).unwrap();
+        let start = Instant::now();
+        let e = conn.get_config(60).unwrap_err();
         assert!(
-            matches!(e, ConnectionError::Timeout("GET_FEATURES", _)),
+            matches!(e, ConnectionError::Timeout("GET_CONFIG", _)),
             "{e}"
         );
-        assert_eq!(e.to_string(), "GET_FEATURES: no reply within 200 ms");
+        assert_eq!(e.to_string(), "GET_CONFIG: no reply within 200 ms");
         assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn replies_each_in_time_but_too_slow_together_time_out() {
+        // Three replies in negotiation (features, protocol features, queue count), each well
+        // within the deadline, together past it.
+        let slow: Script = |c| match base_reply(c, 1) {
+            Reply::Send(bytes) if !bytes.is_empty() => {
+                Reply::Late(Duration::from_millis(150), bytes)
+            }
+            other => other,
+        };
+        let start = Instant::now();
+        let timeout = Duration::from_millis(350);
+        let e = match Connection::with_timeout(hostile(slow), "test", 1, timeout) {
+            Ok(_) => panic!("accepted a backend that took {:?}", start.elapsed()),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(
+                e,
+                ConnectionError::OperationTimeout {
+                    what: "negotiation",
+                    request: "GET_QUEUE_NUM",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "negotiation took more than 350 ms (waiting for GET_QUEUE_NUM)"
+        );
+        // A backend just as slow is fine with time to spare.
+        Connection::with_timeout(hostile(slow), "test", 1, Duration::from_secs(5)).unwrap();
     }
 
     #[test]

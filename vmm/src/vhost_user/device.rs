@@ -100,9 +100,11 @@ impl VhostUserDevice {
                 self.kind.backend_name()
             )));
         };
-        let r = (|| {
+        let started = &mut self.started;
+        let memory = &self.memory;
+        let r = conn.operation("the device start", |conn| {
             conn.set_features(features)?;
-            conn.set_mem_table(&self.memory)?;
+            conn.set_mem_table(memory)?;
             for (q, &(desc, avail, used)) in queues.iter().zip(&addrs) {
                 conn.start_vring(&VringSetup {
                     index: q.index,
@@ -113,10 +115,10 @@ impl VhostUserDevice {
                     kick: &q.kick,
                     call: &q.call,
                 })?;
-                self.started.push(q.index);
+                started.push(q.index);
             }
-            Ok::<(), ConnectionError>(())
-        })();
+            Ok(())
+        });
         r.map_err(|e| {
             let msg = crate::error_chain(&e);
             self.drop_connection();
@@ -169,16 +171,21 @@ impl VirtioDevice for VhostUserDevice {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        for q in started {
-            if let Err(e) = conn.stop_vring(q) {
-                eprintln!(
-                    "cloister: {}: cannot stop queue {q}: {}",
-                    self.name,
-                    crate::error_chain(&e)
-                );
-                self.drop_connection();
-                return;
+        let mut stopping = 0;
+        let r = conn.operation("the device reset", |conn| {
+            for &q in &started {
+                stopping = q;
+                conn.stop_vring(q)?;
             }
+            Ok(())
+        });
+        if let Err(e) = r {
+            eprintln!(
+                "cloister: {}: cannot stop queue {stopping}: {}",
+                self.name,
+                crate::error_chain(&e)
+            );
+            self.drop_connection();
         }
     }
 

@@ -1,4 +1,4 @@
-//! A deadline for each vhost-user request.
+//! A deadline for a vhost-user request, or for a run of them.
 //!
 //! The `vhost` crate's frontend blocks in recvmsg until the reply is complete and retries on
 //! EAGAIN, so a socket timeout would only make it spin: a backend that never answers would hang
@@ -39,9 +39,9 @@ pub struct Watchdog {
     thread: Option<JoinHandle<()>>,
 }
 
-/// While alive, the request it covers has a deadline.
-pub struct Armed<'a> {
-    watchdog: &'a Watchdog,
+/// While alive, the requests it covers have a deadline.
+pub struct Armed {
+    shared: Arc<Shared>,
 }
 
 impl Watchdog {
@@ -74,10 +74,12 @@ impl Watchdog {
         })
     }
 
-    pub fn arm(&self, timeout: Duration) -> Armed<'_> {
+    pub fn arm(&self, timeout: Duration) -> Armed {
         self.shared.lock().deadline = Some(Instant::now() + timeout);
         self.shared.wake.notify_one();
-        Armed { watchdog: self }
+        Armed {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Whether the watchdog has shut the socket down.
@@ -86,9 +88,9 @@ impl Watchdog {
     }
 }
 
-impl Drop for Armed<'_> {
+impl Drop for Armed {
     fn drop(&mut self) {
-        self.watchdog.shared.lock().deadline = None;
+        self.shared.lock().deadline = None;
     }
 }
 
