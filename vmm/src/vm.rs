@@ -351,6 +351,7 @@ impl Vm {
         };
 
         stop.store(true, Ordering::Release);
+        self.disks.disconnect();
         for t in &threads {
             // A thread that already finished is still joinable, so the handle is valid.
             let _ = t.kill(crate::cpu::vcpu::kick_signal());
