@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::core::{QueueEvents, StatusChange, VirtioCore};
 use super::device::VirtioDevice;
+use super::driver_log::DriverLog;
 use super::{VirtioTransport, INTERRUPT_CONFIG, INTERRUPT_VRING};
 use crate::devices::BusDevice;
 use crate::vm_ops::{VmOps, VmOpsError};
@@ -74,7 +75,8 @@ struct State {
 }
 
 pub struct VirtioMmioDevice {
-    name: String,
+    /// Says what the guest's driver got wrong, under the device's name.
+    driver_log: DriverLog,
     /// One per queue, all on QueueNotify with datamatch = queue index.
     notify: Vec<EventFd>,
     /// An irqfd on the device's GSI: every queue's call fd, and our config interrupt.
@@ -103,7 +105,7 @@ impl VirtioMmioDevice {
         let irq = EventFd::new(EFD_NONBLOCK).map_err(MmioTransportError::EventFd)?;
         vm.register_irqfd(&irq, gsi)?;
         Ok(VirtioMmioDevice {
-            name: name.to_string(),
+            driver_log: DriverLog::new(name),
             notify,
             irq,
             state: Mutex::new(State {
@@ -195,7 +197,8 @@ impl VirtioMmioDevice {
                     StatusChange::None => {}
                     StatusChange::Reset => st.config_pending = false,
                     StatusChange::ActivationFailed(e) => {
-                        eprintln!("cloister: {}: cannot start the device: {e}", self.name);
+                        self.driver_log
+                            .say(format_args!("cannot start the device: {e}"));
                         self.raise_config_interrupt(st);
                     }
                 }

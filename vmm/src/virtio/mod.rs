@@ -4,6 +4,7 @@
 
 pub mod core;
 pub mod device;
+pub mod driver_log;
 pub mod mmio_transport;
 pub mod pci_transport;
 

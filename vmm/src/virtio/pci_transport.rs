@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::core::{QueueEvents, StatusChange, VirtioCore};
 use super::device::VirtioDevice;
+use super::driver_log::DriverLog;
 use super::{VirtioTransport, INTERRUPT_CONFIG, NO_VECTOR};
 use crate::devices::{Bus, BusDevice};
 use crate::pci::config_space::{self, ConfigSpace, ConfigSpaceError, Header};
@@ -120,7 +121,8 @@ struct State {
 }
 
 pub struct VirtioPciDevice {
-    name: String,
+    /// Says what the guest's driver got wrong, under the device's name.
+    driver_log: DriverLog,
     /// One per queue, at the queue's notification address.
     notify: Vec<EventFd>,
     vm: Arc<dyn VmOps>,
@@ -183,7 +185,7 @@ impl VirtioPciDevice {
             .collect::<io::Result<Vec<_>>>()
             .map_err(PciTransportError::EventFd)?;
         Ok(Arc::new_cyclic(|this| VirtioPciDevice {
-            name: name.to_string(),
+            driver_log: DriverLog::new(name),
             notify,
             vm,
             mmio_bus,
@@ -204,8 +206,9 @@ impl VirtioPciDevice {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Everything logged here follows from what the guest's driver does.
     fn log(&self, what: std::fmt::Arguments) {
-        eprintln!("cloister: {}: {what}", self.name);
+        self.driver_log.say(what);
     }
 
     /// Puts BAR 0 and the notification ioeventfds where the config space says, if that
