@@ -169,10 +169,11 @@ impl VirtioMmioDevice {
             REG_DEVICE_FEATURES_SEL => core.device_feature_select = v,
             REG_DRIVER_FEATURES => core.write_driver_features_word(v),
             REG_DRIVER_FEATURES_SEL => core.driver_feature_select = v,
-            REG_QUEUE_SEL => core.queue_select = v as u16,
+            // Out-of-range values select no queue and set no valid size, rather than alias.
+            REG_QUEUE_SEL => core.queue_select = u16::try_from(v).unwrap_or(u16::MAX),
             REG_QUEUE_NUM => {
                 if let Some(q) = core.selected_queue_mut() {
-                    q.size = v as u16;
+                    q.size = u16::try_from(v).unwrap_or(0);
                 }
             }
             REG_QUEUE_READY => {
@@ -382,6 +383,24 @@ mod tests {
         assert_eq!(r(&d, REG_INTERRUPT_STATUS), INTERRUPT_CONFIG);
         w(&d, REG_INTERRUPT_ACK, INTERRUPT_CONFIG);
         assert_eq!(r(&d, REG_INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn out_of_range_queue_registers_do_not_alias() {
+        let (d, _, log) = dev(1);
+        w(&d, REG_QUEUE_SEL, 0x1_0000);
+        assert_eq!(r(&d, REG_QUEUE_NUM_MAX), 0, "queue 0x10000 is not queue 0");
+        w(&d, REG_QUEUE_SEL, 0);
+        w(&d, REG_QUEUE_NUM, 0x1_0040);
+        w(&d, REG_QUEUE_READY, 1);
+        let s = u32::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w(&d, REG_DRIVER_FEATURES_SEL, 1);
+        w(&d, REG_DRIVER_FEATURES, 1);
+        w(&d, REG_STATUS, s);
+        w(&d, REG_STATUS, s | u32::from(STATUS_DRIVER_OK));
+        // Not a queue of 64: the start is refused.
+        assert!(log.lock().unwrap().activations.is_empty());
+        assert_ne!(r(&d, REG_STATUS) as u8 & STATUS_DEVICE_NEEDS_RESET, 0);
     }
 
     #[test]
