@@ -4,7 +4,8 @@
 //! panic or a hang (see [`super::watchdog`]).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -81,13 +82,16 @@ pub fn connect(
 ) -> Result<UnixStream, ConnectionError> {
     let start = Instant::now();
     loop {
-        match UnixStream::connect(path) {
+        match connect_without_waiting(path) {
             Ok(s) => return Ok(s),
-            // Not there yet, or there but not listening yet.
+            // Not there yet, there but not listening yet, or listening but with its backlog
+            // full (a backend that does not accept).
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    io::ErrorKind::NotFound
+                        | io::ErrorKind::ConnectionRefused
+                        | io::ErrorKind::WouldBlock
                 ) =>
             {
                 alive().map_err(ConnectionError::BackendGone)?;
@@ -103,6 +107,61 @@ pub fn connect(
             Err(e) => return Err(ConnectionError::Connect(path.to_path_buf(), e)),
         }
     }
+}
+
+/// connect(2) on a non-blocking socket, then made blocking: a listener whose backlog is full
+/// answers EAGAIN at once, where a blocking connect would wait until it accepts, for ever if
+/// it never does.
+fn connect_without_waiting(path: &Path) -> io::Result<UnixStream> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    // Room for the terminating NUL.
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long for a unix socket address",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (to, &from) in addr.sun_path.iter_mut().zip(bytes) {
+        *to = from as libc::c_char;
+    }
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned right after.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes for the duration of the call.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Blocking from here on (the vhost crate expects it). fcntl rather than FIONBIO: the
+    // sandboxed main thread's policy has the former.
+    // SAFETY: fcntl on a descriptor we own; no memory involved.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0
+        || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(fd))
 }
 
 /// What the backend agreed to.
@@ -634,6 +693,26 @@ mod tests {
         assert!(matches!(e, ConnectionError::BackendGone(_)));
         let e = connect(&missing, Duration::from_millis(50), &mut || Ok(())).unwrap_err();
         assert!(matches!(e, ConnectionError::ConnectTimeout { .. }));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_listener_that_never_accepts_times_out() {
+        let dir = std::env::temp_dir().join(format!("cloister-conn-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("full.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        // A backlog of 0 holds one pending connection, which fills it.
+        // SAFETY: listen(2) on the listener's own descriptor.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let _pending = UnixStream::connect(&path).unwrap();
+        let start = Instant::now();
+        let e = connect(&path, Duration::from_millis(200), &mut || Ok(())).unwrap_err();
+        assert!(matches!(e, ConnectionError::ConnectTimeout { .. }), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // Once it accepts, the next attempt gets through.
+        let _accepted = listener.accept().unwrap();
+        connect(&path, Duration::from_secs(5), &mut || Ok(())).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
