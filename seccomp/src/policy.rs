@@ -433,6 +433,12 @@ fn vhost_user_control() -> Vec<Rule> {
             "vhost-user-backend duplicates descriptors it keeps",
         ),
         allow(SYS_fstat, "sizes a memory table region's descriptor"),
+        refuse(
+            SYS_getsockopt,
+            EPERM,
+            Refusal::Policy,
+            "vhost-user-backend checks a socket the frontend hands over (SET_BACKEND_REQ_FD, GPU_SET_SOCKET; neither is offered): the request fails and the connection ends, not the daemon",
+        ),
     ]
 }
 

@@ -186,6 +186,33 @@ fn stopping_a_queue_the_guest_keeps_full() {
 }
 
 #[test]
+fn a_frontend_handing_over_a_socket_loses_only_its_connection() {
+    // BACKEND_REQ is not offered, but vhost-user-backend takes the frontend's ack of it anyway,
+    // and then SET_BACKEND_REQ_FD's socket, which it checks (getsockopt) before anything else.
+    use std::os::unix::net::UnixStream;
+    use vhost::vhost_user::message::VhostUserProtocolFeatures;
+    use vhost::vhost_user::VhostUserFrontend;
+
+    let mut daemon = Daemon::start("backend-req", &[]);
+    {
+        let mut blk = daemon.connect(1);
+        let frontend = blk.connection().frontend();
+        let offered = frontend.get_protocol_features().unwrap();
+        frontend
+            .set_protocol_features(offered | VhostUserProtocolFeatures::BACKEND_REQ)
+            .unwrap();
+        let (socket, _peer) = UnixStream::pair().unwrap();
+        // Refused, or the connection ends: either way, only this connection is affected.
+        let _ = frontend.set_backend_request_fd(&socket);
+    }
+    daemon.assert_serves();
+    let mut blk = daemon.connect(1);
+    let reply = blk.read(0, 0, 4096).unwrap();
+    assert_eq!(reply.status, OK, "{}", daemon.log_text());
+    assert_eq!(reply.data, read_file_range(&daemon.image, 0, 4096));
+}
+
+#[test]
 fn sigterm_and_sigint_stop_cleanly_and_remove_the_socket() {
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let mut daemon = Daemon::start("signal", &[]);

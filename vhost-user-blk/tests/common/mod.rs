@@ -208,7 +208,7 @@ impl Daemon {
         }
     }
 
-    /// The daemon must still serve: a read on queue 0 works.
+    /// The daemon must still be running (callers check that their connection still works).
     pub fn assert_serves(&mut self) {
         assert!(self.alive(), "daemon died: {}", self.log_text());
     }
