@@ -24,6 +24,7 @@
 
 pub mod landlock;
 pub mod line;
+pub mod panic_report;
 pub mod policy;
 pub mod privileges;
 mod rules;
@@ -106,6 +107,7 @@ pub fn init(name: &'static str, mode: SeccompMode) -> Result<(), Error> {
     if !first {
         return Ok(());
     }
+    panic_report::install(process.name);
     trap::configure(process.name, process.mode);
     if process.mode == SeccompMode::False {
         eprintln!("{}", disabled_warning(process.name));

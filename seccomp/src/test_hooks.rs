@@ -7,7 +7,8 @@
 //! - `syscall@ROLE`: right after the thread of that role enters its sandbox, it calls
 //!   `personality(0xffffffff)` (a harmless query no policy allows);
 //! - `open@ROLE=PATH`: it opens PATH for reading and says on stderr how that went:
-//!   `NAME: test hook: open PATH: ok` or `...: <error>`.
+//!   `NAME: test hook: open PATH: ok` or `...: <error>`;
+//! - `panic@ROLE`: it panics (`test hook: panic`).
 //!
 //! ROLE is a [`crate::ThreadRole`] name (`vmm-main`, `vmm-vcpu`, `blk-worker`, ...).
 
@@ -24,6 +25,7 @@ mod imp {
     enum Hook {
         Syscall(ThreadRole),
         Open(ThreadRole, PathBuf),
+        Panic(ThreadRole),
     }
 
     static HOOK: OnceLock<Option<Hook>> = OnceLock::new();
@@ -32,6 +34,7 @@ mod imp {
         let (what, rest) = value.split_once('@')?;
         match what {
             "syscall" => Some(Hook::Syscall(ThreadRole::from_name(rest)?)),
+            "panic" => Some(Hook::Panic(ThreadRole::from_name(rest)?)),
             "open" => {
                 let (role, path) = rest.split_once('=')?;
                 Some(Hook::Open(
@@ -61,6 +64,7 @@ mod imp {
                 let ret = unsafe { libc::syscall(libc::SYS_personality, 0xffff_ffff_u64) };
                 eprintln!("test hook: personality returned {ret}");
             }
+            Some(Hook::Panic(r)) if *r == role => panic!("test hook: panic"),
             Some(Hook::Open(r, path)) if *r == role => {
                 let name = crate::PROCESS.get().map_or("?", |p| p.name);
                 match std::fs::File::open(path) {

@@ -24,11 +24,16 @@ impl Hooked {
     /// The daemon on a fresh image with `hook` in its environment and `args` added; stderr
     /// goes to `daemon.log`.
     fn start(name: &str, hook: Option<&str>, args: &[&str]) -> Self {
-        Self::start_with(name, |_| hook.map(str::to_owned), args)
+        Self::start_with(name, |_| hook.map(str::to_owned), &[], args)
     }
 
-    /// Same, with the hook made from the image's path.
-    fn start_with(name: &str, hook: impl Fn(&Path) -> Option<String>, args: &[&str]) -> Self {
+    /// Same, with the hook made from the image's path, and `env` set.
+    fn start_with(
+        name: &str,
+        hook: impl Fn(&Path) -> Option<String>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Self {
         let scratch = Scratch::new(name);
         let image = scratch.image(IMAGE_SIZE);
         let hook = hook(&image);
@@ -44,6 +49,7 @@ impl Hooked {
         if let Some(hook) = &hook {
             cmd.env("CLOISTER_TEST_HOOK", hook);
         }
+        cmd.envs(env.iter().copied());
         // A SIGSYS death dumps core where the limit allows it; not from a test.
         // SAFETY: setrlimit is async-signal-safe.
         unsafe {
@@ -62,6 +68,19 @@ impl Hooked {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.scratch.path("daemon.log")).unwrap_or_default()
+    }
+
+    /// The log once it has a line containing `needle` (the socket exists before the thread
+    /// that logs it has entered its sandbox), or as it is after 10 s.
+    fn log_once(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.contains(needle) || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
@@ -114,6 +133,27 @@ impl Drop for Hooked {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+#[test]
+fn a_panic_is_one_line_even_with_backtraces_asked_for() {
+    // std's own report would resolve a backtrace, reading /proc/self/exe: outside the policy.
+    let mut daemon = Hooked::start_with(
+        "panic-main",
+        |_| Some("panic@blk-main".into()),
+        &[("RUST_BACKTRACE", "1")],
+        &[],
+    );
+    let status = daemon
+        .wait(Duration::from_secs(10))
+        .expect("a panic in the main thread ends the daemon");
+    let log = daemon.log();
+    assert_eq!(status.signal(), None, "{status}: {log}");
+    assert!(!log.contains("forbidden system call"), "{log}");
+    assert!(
+        log.contains("vhost-user-blk: internal error in thread main: test hook: panic ("),
+        "{log}"
+    );
 }
 
 #[test]
@@ -191,7 +231,7 @@ fn landlock_keeps_other_files_out_of_reach() {
         &["--seccomp", "false"],
     );
     assert!(daemon.wait_for_socket(), "{}", daemon.log());
-    let log = daemon.log();
+    let log = daemon.log_once("test hook: open");
     assert!(
         log.contains("vhost-user-blk: test hook: open /etc/hostname: Permission denied"),
         "{log}"
@@ -204,10 +244,11 @@ fn landlock_keeps_other_files_out_of_reach() {
     let mut daemon = Hooked::start_with(
         "landlock-image",
         |image| Some(format!("open@blk-main={}", image.display())),
+        &[],
         &["--seccomp", "false"],
     );
     assert!(daemon.wait_for_socket(), "{}", daemon.log());
-    let log = daemon.log();
+    let log = daemon.log_once("test hook: open");
     assert!(log.contains("disk.img: ok"), "{log}");
 }
 
@@ -217,9 +258,10 @@ fn seccomp_refuses_to_open_files_even_the_image() {
         "refuse",
         |image| Some(format!("open@blk-main={}", image.display())),
         &[],
+        &[],
     );
     assert!(daemon.wait_for_socket(), "{}", daemon.log());
-    let log = daemon.log();
+    let log = daemon.log_once("test hook: open");
     // EACCES from seccomp, although Landlock would allow the image.
     assert!(log.contains("disk.img: Permission denied"), "{log}");
 }
