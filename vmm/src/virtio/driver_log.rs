@@ -3,6 +3,7 @@
 //! then one saying the rest are not: a driver retrying in a loop can neither flood the
 //! operator's log nor stall its vCPU, which holds the device's lock, on a stderr nobody reads.
 
+use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Messages shown per device.
@@ -29,15 +30,19 @@ impl DriverLog {
         }
     }
 
+    /// Writes to stderr, ignoring a failure (eprintln! would panic on a closed stderr, in the
+    /// vCPU thread of the guest that caused the message).
     pub fn say(&self, what: std::fmt::Arguments) {
-        match self.admit() {
-            Admit::Show => eprintln!("cloister: {}: {what}", self.name),
-            Admit::ShowAndSayMore => eprintln!(
+        let mut stderr = std::io::stderr();
+        let _ = match self.admit() {
+            Admit::Show => writeln!(stderr, "cloister: {}: {what}", self.name),
+            Admit::ShowAndSayMore => writeln!(
+                stderr,
                 "cloister: {}: {what} (further messages about this device's driver are not shown)",
                 self.name
             ),
-            Admit::Drop => {}
-        }
+            Admit::Drop => Ok(()),
+        };
     }
 
     fn admit(&self) -> Admit {
