@@ -2,6 +2,8 @@
 //! backend (read once, at connection time), queues are handed over at DRIVER_OK and taken back
 //! at reset. Config reads are served from our copy, so they never wait on the backend.
 
+use std::io::Write;
+
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::connection::{Connection, ConnectionError, VringSetup};
@@ -154,7 +156,9 @@ impl VirtioDevice for VhostUserDevice {
         // write is a confused driver; refused, and said once.
         if !self.config_write_logged {
             self.config_write_logged = true;
-            eprintln!(
+            // On the vCPU thread: a closed stderr must not make this panic.
+            let _ = writeln!(
+                std::io::stderr(),
                 "cloister: {}: ignoring a write to read-only config space at {offset:#x}",
                 self.name
             );
@@ -180,7 +184,8 @@ impl VirtioDevice for VhostUserDevice {
             Ok(())
         });
         if let Err(e) = r {
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "cloister: {}: cannot stop queue {stopping}: {}",
                 self.name,
                 crate::error_chain(&e)
