@@ -222,8 +222,9 @@ impl Disks {
         Ok(Disks { disks, runtime_dir })
     }
 
-    /// What the main thread may still reach once the VM runs: the backends' sockets (to
-    /// reconnect; enforced from Landlock ABI 9), and the runtime directory, to remove it at
+    /// What the main thread may still reach once the VM runs: the backends' sockets (for the
+    /// reconnection to come, enforced from Landlock ABI 9; its seccomp policy has no socket or
+    /// connect yet), and the runtime directory, to remove it at
     /// exit; in its parent, only removing the (by then empty) directory itself. Signals to
     /// processes outside the domain stay allowed: the backends must be stopped.
     pub fn landlock_rules(&self) -> Rules {
