@@ -428,3 +428,45 @@ impl Drop for Disks {
         self.shutdown();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn disconnect_ends_every_connection_at_once() {
+        let mut peers = Vec::new();
+        let mut disks = Vec::new();
+        for n in 0..2 {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            peers.push(theirs);
+            disks.push(Disk {
+                name: format!("disk{n}"),
+                cfg: DiskConfig::parse("socket=/nonexistent.sock").unwrap(),
+                kind: &Blk,
+                socket_path: PathBuf::from("/nonexistent.sock"),
+                process: None,
+                socket: Some(OwnedFd::from(ours)),
+                process_watched: false,
+                transport: None,
+                failed: false,
+            });
+        }
+        let disks = Disks {
+            disks,
+            runtime_dir: None,
+        };
+        disks.disconnect();
+        // Each backend sees the end of its connection (a blocked reader on our side would see
+        // it too), while our descriptors stay open for the devices that own them.
+        for mut peer in peers {
+            peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let mut byte = [0u8; 1];
+            assert_eq!(peer.read(&mut byte).expect("end of file, not a timeout"), 0);
+        }
+        assert!(disks.disks.iter().all(|d| d.socket.is_some()));
+    }
+}
