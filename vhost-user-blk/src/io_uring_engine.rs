@@ -105,7 +105,8 @@ impl UringEngine {
     pub fn new(disk: Arc<Disk>, slots: u32) -> io::Result<Self> {
         let ring = IoUring::builder()
             // A request may need several CQEs (one per discard range) and the kernel must
-            // never drop one: a CQ twice the SQ plus IORING_FEAT_NODROP.
+            // never drop one: a CQ twice the SQ plus IORING_FEAT_NODROP, which keeps what
+            // does not fit until `flush_overflow` collects it.
             .setup_cqsize(slots * 2)
             // Keep going after an SQE fails to prepare; its CQE reports the error.
             .setup_submit_all()
@@ -383,6 +384,8 @@ impl UringEngine {
     /// Handles every CQE that is ready; returns how many.
     fn reap_cq(&mut self, done: &mut Vec<Completion>) -> usize {
         let mut total = 0;
+        // An empty CQ right after a flush: the flush brought nothing, don't spin on it.
+        let mut just_flushed = false;
         loop {
             let mut cqes = std::mem::take(&mut self.cqes);
             cqes.clear();
@@ -400,9 +403,32 @@ impl UringEngine {
             // Short transfers were resubmitted; push them before looking again.
             self.submit_pending();
             if count == 0 {
-                return total;
+                if just_flushed || !self.flush_overflow() {
+                    return total;
+                }
+                just_flushed = true;
+            } else {
+                just_flushed = false;
             }
         }
+    }
+
+    /// Completions the CQ had no room for (a discard makes one per range, so a ring of them
+    /// can outnumber the CQ many times over) wait in the kernel until an io_uring_enter with
+    /// GETEVENTS moves them over; nothing else would, and the queue would stall with its slots
+    /// taken and the ring's descriptor readable for ever. True if the CQ overflowed.
+    fn flush_overflow(&mut self) -> bool {
+        if !self.ring.submission().cq_overflow() {
+            return false;
+        }
+        // The crate adds GETEVENTS when it sees the overflow flag.
+        if let Err(e) = self.ring.submit() {
+            if e.raw_os_error() != Some(libc::EINTR) {
+                log::error!("cannot collect overflowed io_uring completions: {e}");
+                return false;
+            }
+        }
+        true
     }
 
     fn complete(&mut self, user_data: u64, result: i32, done: &mut Vec<Completion>) {
