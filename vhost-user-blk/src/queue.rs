@@ -65,6 +65,10 @@ pub struct QueueWorker {
     done: Vec<Completion>,
     /// The engine ran out of slots; popping resumes when completions free some.
     throttled: bool,
+    /// The available ring could not be read (an index further ahead than the ring is long):
+    /// stop serving until the next event, rather than go round on a ring that always looks
+    /// busy.
+    ring_unreadable: bool,
     /// When a batch returns what already finished (`early_return`); None: after the ring.
     early_return: Option<EarlyReturn>,
     /// This connection's vring, kept so `stop` can complete in-flight requests into it.
@@ -101,6 +105,7 @@ impl QueueWorker {
             scratch: Scratch::default(),
             done: Vec::new(),
             throttled: false,
+            ring_unreadable: false,
             early_return,
             vring: None,
             guest_errors: RateLimit::new(Duration::from_secs(1)),
@@ -178,6 +183,11 @@ impl QueueWorker {
                 }
                 popping.is_some()
             };
+            if std::mem::take(&mut self.ring_unreadable) {
+                // Only a reset (or the driver fixing the index) helps; the next kick or
+                // completion looks again.
+                return;
+            }
             // Out of work for now, or cut short.
             let now = Instant::now();
             if (cut_short
@@ -280,6 +290,7 @@ impl QueueWorker {
             Err(virtio_queue::Error::QueueNotReady) => return false,
             Err(e) => {
                 self.guest_error(format_args!("bad available ring: {e}"));
+                self.ring_unreadable = true;
                 return false;
             }
         };

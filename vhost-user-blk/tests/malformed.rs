@@ -259,3 +259,17 @@ fn garbage_descriptor_table_does_not_kill_the_device() {
     }
     still_serves(&mut daemon, &mut blk);
 }
+
+#[test]
+fn an_avail_index_too_far_ahead_costs_no_cpu() {
+    // More entries published than the ring has: virtio-queue refuses to pop, and the worker
+    // must then sleep like one with nothing to do, not go round for ever.
+    let daemon = Daemon::start("avail-ahead", &[]);
+    let mut blk = daemon.connect(1);
+    let queue = blk.queue(0);
+    for _ in 0..=queue.size() {
+        queue.push_avail(0).unwrap();
+    }
+    queue.kick_now().unwrap();
+    assert_goes_idle(&daemon, "a backend whose ring says more than it holds");
+}

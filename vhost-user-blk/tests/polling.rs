@@ -99,28 +99,6 @@ fn assert_polls(blk: &mut TestBlk) {
     );
 }
 
-/// utime + stime of the whole process, in clock ticks.
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after_name = stat.rsplit_once(')').unwrap().1;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
-/// 100 ms after the last request, the daemon uses at most 3 % of a CPU over 1 s.
-fn assert_goes_idle(daemon: &Daemon, what: &str) {
-    std::thread::sleep(Duration::from_millis(100));
-    let before = cpu_ticks(daemon.pid());
-    std::thread::sleep(Duration::from_secs(1));
-    let spent = cpu_ticks(daemon.pid()) - before;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    assert!(
-        spent * 100 <= hz * 3,
-        "{what} used {spent} ticks ({hz}/s) in 1 s"
-    );
-}
-
 #[test]
 fn a_polling_worker_holds_off_kicks_and_an_idle_one_costs_no_cpu() {
     let _alone = one_at_a_time();
