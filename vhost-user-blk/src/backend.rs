@@ -58,10 +58,26 @@ impl Shared {
     /// Runs `f` on the worker of `queue` from the control thread.
     fn control(&self, queue: usize, f: impl FnOnce(&mut QueueWorker)) {
         if let Some(slot) = self.workers.get(queue) {
-            slot.control.fetch_add(1, Ordering::AcqRel);
+            let _waiting = ControlWaiting::new(&slot.control);
             f(&mut lock(&slot.worker));
-            slot.control.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+}
+
+/// The control thread's place in `WorkerSlot::control`, given back even if what it runs
+/// panics: a count left up would keep the queue's worker waiting for good.
+struct ControlWaiting<'a>(&'a AtomicUsize);
+
+impl<'a> ControlWaiting<'a> {
+    fn new(control: &'a AtomicUsize) -> Self {
+        control.fetch_add(1, Ordering::AcqRel);
+        Self(control)
+    }
+}
+
+impl Drop for ControlWaiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -306,5 +322,22 @@ impl VhostUserBackend for Connection {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_count_comes_back_down_after_a_panic() {
+        let control = AtomicUsize::new(0);
+        let panicked = std::panic::catch_unwind(|| {
+            let _waiting = ControlWaiting::new(&control);
+            assert_eq!(control.load(Ordering::Acquire), 1);
+            panic!("a bug in a control step");
+        });
+        assert!(panicked.is_err());
+        assert_eq!(control.load(Ordering::Acquire), 0);
     }
 }
