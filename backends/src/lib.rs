@@ -14,6 +14,7 @@
 
 pub mod cli;
 pub mod error;
+pub mod guest_memory;
 pub mod logging;
 pub mod options;
 pub mod poll;

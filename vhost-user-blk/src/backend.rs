@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
+use cloister_backends::guest_memory::check_regions_within_files;
 use cloister_backends::server::GuestMemory;
 use cloister_backends::{Device, WorkerExits};
 use cloister_seccomp::ThreadRole;
@@ -272,8 +273,16 @@ impl VhostUserBackend for Connection {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        // vhost-user-backend has installed the table already (the vrings see it): a bad one is
+        // replaced by an empty one, so the queues stop rather than touch it.
+        let checked = check_regions_within_files(&mem.memory());
+        if checked.is_err() {
+            mem.lock()
+                .map_err(|_| io::Error::other("memory table lock poisoned"))?
+                .replace(GuestMemory::new());
+        }
         *self.mem.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
-        Ok(())
+        checked
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

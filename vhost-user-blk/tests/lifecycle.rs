@@ -213,6 +213,40 @@ fn a_frontend_handing_over_a_socket_loses_only_its_connection() {
 }
 
 #[test]
+fn a_memory_region_past_the_end_of_its_file_is_refused() {
+    // Mapped as it is, the first access past the file's end would be SIGBUS for the daemon.
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use vhost::VhostBackend;
+
+    let mut daemon = Daemon::start("short-memfd", &[]);
+    {
+        let mut blk = daemon.connect(1);
+        let mut regions = blk.ram().regions().unwrap();
+        // SAFETY: memfd_create with a NUL-terminated name; the descriptor is owned at once.
+        let short = unsafe {
+            OwnedFd::from_raw_fd(libc::memfd_create(c"short".as_ptr(), libc::MFD_CLOEXEC))
+        };
+        // SAFETY: ftruncate on the descriptor we own.
+        assert_eq!(unsafe { libc::ftruncate(short.as_raw_fd(), 4096) }, 0);
+        // The region holding the rings, now claimed to live in a 4 KiB file.
+        regions[0].mmap_handle = short.as_raw_fd();
+        regions[0].mmap_offset = 0;
+        let frontend = blk.connection().frontend();
+        assert!(
+            frontend.set_mem_table(&regions).is_err(),
+            "the backend took a region larger than its file"
+        );
+        // The queue goes on looking at its rings; they must not be read through that mapping.
+        blk.queue(0).kick_now().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        daemon.assert_serves();
+    }
+    let mut blk = daemon.connect(1);
+    let reply = blk.read(0, 0, 4096).unwrap();
+    assert_eq!(reply.status, OK, "{}", daemon.log_text());
+}
+
+#[test]
 fn sigterm_and_sigint_stop_cleanly_and_remove_the_socket() {
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let mut daemon = Daemon::start("signal", &[]);
