@@ -205,7 +205,7 @@ impl Device for BlkDevice {
 
     fn disconnect(&self, backend: &Self::Backend) {
         for queue in 0..self.shared.workers.len() {
-            self.shared.control(queue, QueueWorker::reset);
+            self.shared.control(queue, QueueWorker::disconnect);
         }
         *backend.mem.write().unwrap_or_else(PoisonError::into_inner) = None;
     }

@@ -269,15 +269,21 @@ impl QueueWorker {
         self.guest_poll.cancel();
     }
 
-    /// Device reset or disconnect: wait for in-flight I/O, but don't touch the guest's memory
-    /// any more (its buffers may already belong to something else).
+    /// Device reset (RESET_DEVICE): wait for in-flight I/O, but don't touch the guest's memory
+    /// any more (its buffers may already belong to something else). The connection, and the
+    /// threads serving it, stay.
     pub fn reset(&mut self) {
         self.engine.drain(false, &mut self.done);
         self.done.clear();
         self.throttled = false;
         self.vring = None;
         self.guest_poll.cancel();
-        // The connection's threads (and their epoll descriptors) are gone.
+    }
+
+    /// Disconnect: a reset, and the connection's threads (with their epoll descriptors) are
+    /// gone.
+    pub fn disconnect(&mut self) {
+        self.reset();
         self.thread_events = None;
     }
 
