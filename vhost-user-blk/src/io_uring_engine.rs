@@ -52,6 +52,9 @@ struct Slot {
     /// Keeps the guest memory the iovecs point into mapped until the kernel is done with it,
     /// even if the frontend replaces the memory table meanwhile.
     mem: Option<Arc<GuestMemory>>,
+    /// Given up on by a drain that could not wait for it: when it completes after all, it
+    /// belongs to no ring any more, only its slot comes back.
+    abandoned: bool,
 }
 
 impl Slot {
@@ -70,6 +73,7 @@ impl Slot {
             outstanding: 0,
             status: STATUS_OK,
             mem: None,
+            abandoned: false,
         }
     }
 }
@@ -285,6 +289,14 @@ impl UringEngine {
                         "waiting for in-flight I/O failed: {e}; abandoning {} requests",
                         self.in_flight
                     );
+                    // Their completions may still come, in a later connection's reaps: they
+                    // must not reach that connection's ring or memory.
+                    let free = &self.free;
+                    for (index, slot) in self.slots.iter_mut().enumerate() {
+                        if !free.contains(&(index as u32)) {
+                            slot.abandoned = true;
+                        }
+                    }
                     break;
                 }
             }
@@ -499,13 +511,19 @@ impl UringEngine {
 
     fn finish(&mut self, index: u32, done: &mut Vec<Completion>) {
         let slot = &mut self.slots[index as usize];
+        let abandoned = std::mem::take(&mut slot.abandoned);
         if let Some(mem) = slot.mem.take() {
-            if !self.discard {
+            if !self.discard && !abandoned {
                 write_status(&mem, slot.status_addr, slot.status);
             }
         }
         slot.iovecs.clear();
         slot.ranges.clear();
+        if abandoned {
+            self.free.push(index);
+            self.in_flight -= 1;
+            return;
+        }
         done.push(Completion {
             head: slot.head,
             used_len: if slot.status == STATUS_OK {
