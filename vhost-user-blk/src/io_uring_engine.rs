@@ -468,7 +468,11 @@ impl UringEngine {
                     let moved = (result as usize).min(slot.remaining);
                     slot.remaining -= moved;
                     slot.offset += moved as u64;
-                    if slot.remaining > 0 {
+                    if slot.remaining > 0 && (self.discard || slot.abandoned) {
+                        // The rest would land in (or come from) buffers the guest has taken
+                        // back: stop here.
+                        slot.status = STATUS_IOERR;
+                    } else if slot.remaining > 0 {
                         // A short transfer: go on from where it stopped.
                         slot.iov_start = advance_iovecs(&mut slot.iovecs, slot.iov_start, moved);
                         let entry = rw_entry(slot, index);
