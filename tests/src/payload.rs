@@ -252,6 +252,12 @@ impl Asm {
         self.label(done_label);
     }
 
+    /// ACPI S5 through the sleep control register, then halts should the VMM not stop.
+    fn power_off(&mut self) {
+        self.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
+        self.halt_forever();
+    }
+
     /// cli ; hlt ; jmp back to hlt
     fn halt_forever(&mut self) {
         self.emit(&[0xfa]); // cli
@@ -305,8 +311,7 @@ fn segments(kind: Payload) -> (Vec<u8>, Option<Vec<u8>>) {
             a.label("good");
             a.print(ok, "ok_loop", "ok_done");
             a.label("off");
-            a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
-            a.halt_forever();
+            a.power_off();
         }
         Payload::TripleFault => {
             let msg = d.line(MARKER_TRIPLE_FAULT);
@@ -361,8 +366,7 @@ fn segments(kind: Payload) -> (Vec<u8>, Option<Vec<u8>>) {
             a.label("bad");
             a.print(bad, "bad_loop", "bad_done");
             a.label("off");
-            a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
-            a.halt_forever();
+            a.power_off();
         }
         Payload::EchoInput => {
             a.label("wait");
@@ -375,8 +379,7 @@ fn segments(kind: Payload) -> (Vec<u8>, Option<Vec<u8>>) {
             a.emit(&[0xee]); // out dx, al  (transmit it back)
             a.emit(&[0x3c, b'\n']); // cmp al, '\n'
             a.jne("wait");
-            a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
-            a.halt_forever();
+            a.power_off();
         }
         Payload::Smp => {
             let bsp = d.line(MARKER_SMP_BSP);
@@ -403,8 +406,7 @@ fn segments(kind: Payload) -> (Vec<u8>, Option<Vec<u8>>) {
             a.label("ap_ok");
             a.print(ok, "ok_loop", "ok_done");
             a.label("off");
-            a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
-            a.halt_forever();
+            a.power_off();
 
             // Real mode, CS = 0x1000 (base 0x10000), IP = 0.
             ap = Some(vec![
@@ -435,8 +437,7 @@ fn segments(kind: Payload) -> (Vec<u8>, Option<Vec<u8>>) {
             a.mov_ecx(line.len() as u32 + 1);
             a.mov_dx(COM1_PORT);
             a.emit(&[0xf3, 0x6e]); // rep outsb  (out dx, ds:[esi++], ecx times)
-            a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
-            a.halt_forever();
+            a.power_off();
         }
         Payload::PciPba => {
             let clear = d.line(MARKER_PBA_CLEAR);
@@ -504,8 +505,7 @@ fn segments(kind: Payload) -> (Vec<u8>, Option<Vec<u8>>) {
             a.label("missing");
             a.print(missing, "missing_loop", "missing_done");
             a.label("off");
-            a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
-            a.halt_forever();
+            a.power_off();
         }
         Payload::Flood => {
             let mut page = vec![b'x'; 4095];
@@ -524,8 +524,7 @@ fn segments(kind: Payload) -> (Vec<u8>, Option<Vec<u8>>) {
             a.emit(&[0xff, 0xcf]); // dec edi
             a.jne("page");
             a.print(done, "done_loop", "done_done");
-            a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
-            a.halt_forever();
+            a.power_off();
         }
     }
     let mut code = a.finish();
@@ -669,8 +668,7 @@ pub fn build_bzimage() -> Vec<u8> {
     a.label("bad");
     a.print(bad, "bad_loop", "bad_done");
     a.label("off");
-    a.out_dx_imm8(SLEEP_CONTROL_PORT, S5_SLEEP_CONTROL_VALUE);
-    a.halt_forever();
+    a.power_off();
     let code = a.finish();
 
     // The protected-mode part: padding up to the entry point, code, then data at 0x800.
