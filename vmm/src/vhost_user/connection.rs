@@ -152,16 +152,10 @@ fn connect_without_waiting(path: &Path) -> io::Result<UnixStream> {
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    // Blocking from here on (the vhost crate expects it). fcntl rather than FIONBIO: the
-    // sandboxed main thread's policy has the former.
-    // SAFETY: fcntl on a descriptor we own; no memory involved.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    if flags < 0
-        || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(UnixStream::from(fd))
+    let stream = UnixStream::from(fd);
+    // Blocking from here on: the vhost crate expects it.
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 /// What the backend agreed to.
