@@ -57,6 +57,16 @@ pub fn early_return(threads: u16, cpus: usize) -> Option<EarlyReturn> {
     (usize::from(threads) < cpus).then_some(EARLY_RETURN)
 }
 
+/// How a `pop_batch` ended.
+enum Batch {
+    /// At `early_return`'s share, with more to pop.
+    More,
+    /// Nothing more to pop for now: the ring is empty, the engine full or the queue not ready.
+    Drained,
+    /// The available ring could not be read.
+    Unreadable,
+}
+
 pub struct QueueWorker {
     index: usize,
     engine: Engine,
@@ -65,10 +75,6 @@ pub struct QueueWorker {
     done: Vec<Completion>,
     /// The engine ran out of slots; popping resumes when completions free some.
     throttled: bool,
-    /// The available ring could not be read (an index further ahead than the ring is long):
-    /// stop serving until the next event, rather than go round on a ring that always looks
-    /// busy.
-    ring_unreadable: bool,
     /// When a batch returns what already finished (`early_return`); None: after the ring.
     early_return: Option<EarlyReturn>,
     /// This connection's vring, kept so `stop` can complete in-flight requests into it.
@@ -105,7 +111,6 @@ impl QueueWorker {
             scratch: Scratch::default(),
             done: Vec::new(),
             throttled: false,
-            ring_unreadable: false,
             early_return,
             vring: None,
             guest_errors: RateLimit::new(Duration::from_secs(1)),
@@ -163,15 +168,20 @@ impl QueueWorker {
                     if let Err(e) = state.disable_notification() {
                         self.guest_error(format_args!("cannot disable notifications: {e}"));
                     }
-                    // A guest that refills the ring as fast as batches go back keeps `more`
-                    // true: the control thread, the busy limit and the thread's other queues
-                    // cut the stretch short, and the thread is handed back below.
+                    // A guest that refills the ring as fast as batches go back keeps them
+                    // ending in `More`: the control thread, the busy limit and the thread's
+                    // other queues cut the stretch short, and the thread is handed back below.
                     cut_short = loop {
-                        let more = self.pop_batch(&mut state, mem);
+                        let batch = self.pop_batch(&mut state, mem);
                         self.engine.commit(&mut self.done);
                         self.return_used(&mut state);
-                        if !more {
-                            break false;
+                        match batch {
+                            Batch::More => {}
+                            Batch::Drained => break false,
+                            // The ring always looks busy (an index further ahead than it is
+                            // long): stop until the next event rather than go round on it.
+                            // Only a reset, or the driver fixing the index, helps.
+                            Batch::Unreadable => return,
                         }
                         if control.load(Ordering::Acquire) != 0
                             || started.elapsed() >= MAX_BUSY
@@ -183,11 +193,6 @@ impl QueueWorker {
                 }
                 popping.is_some()
             };
-            if std::mem::take(&mut self.ring_unreadable) {
-                // Only a reset (or the driver fixing the index) helps; the next kick or
-                // completion looks again.
-                return;
-            }
             // Out of work for now, or cut short.
             let now = Instant::now();
             if (cut_short
@@ -288,16 +293,15 @@ impl QueueWorker {
     }
 
     /// Pops and hands to the engine what the ring holds, until `early_return`'s share of inline
-    /// work. True if it stopped there with more to pop.
-    fn pop_batch(&mut self, state: &mut State, mem: &Arc<GuestMemory>) -> bool {
+    /// work.
+    fn pop_batch(&mut self, state: &mut State, mem: &Arc<GuestMemory>) -> Batch {
         let mut chains = match state.get_queue_mut().iter(&**mem) {
             Ok(chains) => chains,
             // Kicked before the ring is set up, or after it was stopped.
-            Err(virtio_queue::Error::QueueNotReady) => return false,
+            Err(virtio_queue::Error::QueueNotReady) => return Batch::Drained,
             Err(e) => {
                 self.guest_error(format_args!("bad available ring: {e}"));
-                self.ring_unreadable = true;
-                return false;
+                return Batch::Unreadable;
             }
         };
         let (mut inline_requests, mut inline_bytes) = (0usize, 0u64);
@@ -305,14 +309,14 @@ impl QueueWorker {
             if self.early_return.is_some_and(|limit| {
                 inline_requests >= limit.requests || inline_bytes >= limit.bytes
             }) {
-                return true;
+                return Batch::More;
             }
             if !self.engine.has_room() {
                 self.throttled = true;
-                return false;
+                return Batch::Drained;
             }
             let Some(chain) = chains.next() else {
-                return false;
+                return Batch::Drained;
             };
             let head = chain.head_index();
             match parse(head, chain, mem, &self.limits, &mut self.scratch) {
