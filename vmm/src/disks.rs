@@ -389,6 +389,16 @@ impl Disks {
         }
     }
 
+    /// Ends every backend connection (without closing descriptors the devices still own): a
+    /// vCPU blocked in a request to a backend that takes its time returns at once, so the VM
+    /// can stop without waiting out the request's deadline.
+    pub fn disconnect(&self) {
+        for socket in self.disks.iter().filter_map(|d| d.socket.as_ref()) {
+            // SAFETY: shutdown(2) on a socket descriptor we own; no memory involved.
+            unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+
     /// Stops the managed backends (SIGTERM, then SIGKILL) and reaps them.
     pub fn shutdown(&mut self) {
         for d in &mut self.disks {
@@ -407,18 +417,6 @@ impl Disks {
                     );
                 }
             }
-        }
-    }
-}
-
-impl Disks {
-    /// Ends every backend connection (without closing descriptors the devices still own): a
-    /// vCPU blocked in a request to a backend that takes its time returns at once, so the VM
-    /// can stop without waiting out the request's deadline.
-    pub fn disconnect(&self) {
-        for socket in self.disks.iter().filter_map(|d| d.socket.as_ref()) {
-            // SAFETY: shutdown(2) on a socket descriptor we own; no memory involved.
-            unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
         }
     }
 }
