@@ -74,7 +74,9 @@ impl ThreadRole {
     /// The role's rules: the base plus its own groups.
     pub fn rules(self) -> Vec<Rule> {
         let groups: Vec<Vec<Rule>> = match self {
-            ThreadRole::VmmMain => vec![base(), spawns_threads(), vmm_main()],
+            // It starts every thread it will have (vCPUs, watchdogs, console writer) before it
+            // confines itself.
+            ThreadRole::VmmMain => vec![base(), vmm_main()],
             ThreadRole::VmmVcpu => vec![base(), vmm_vcpu()],
             ThreadRole::VmmWatchdog => vec![base(), vmm_watchdog()],
             ThreadRole::VmmConsole => vec![base(), vmm_console()],
@@ -620,5 +622,29 @@ mod tests {
                 assert!(!merged.allows(nr), "{} allows {nr}", role.name());
             }
         }
+    }
+
+    #[test]
+    fn only_threads_that_start_threads_may_confine_new_ones() {
+        // cloister's main thread starts all of its threads before it confines itself; the VMM's
+        // other threads never start any.
+        for role in [
+            ThreadRole::VmmMain,
+            ThreadRole::VmmVcpu,
+            ThreadRole::VmmWatchdog,
+            ThreadRole::VmmConsole,
+        ] {
+            let merged = Merged::new(&role.rules(), false);
+            for nr in [
+                libc::SYS_clone,
+                libc::SYS_seccomp,
+                libc::SYS_landlock_create_ruleset,
+                libc::SYS_landlock_restrict_self,
+                libc::SYS_capset,
+            ] {
+                assert!(!merged.allows(nr), "{} allows {nr}", role.name());
+            }
+        }
+        assert!(Merged::new(&ThreadRole::BlkMain.rules(), false).allows(libc::SYS_clone));
     }
 }
