@@ -80,11 +80,24 @@ thread_local! {
 /// sandbox stops the daemon: it would otherwise serve the guest with its creator's wider
 /// policy.
 pub fn enter_worker(role: ThreadRole) {
+    narrow_worker(role, cloister_seccomp::enter_thread);
+}
+
+/// [`enter_worker`] for a thread that keeps the main thread's Landlock domain (the signal
+/// thread, which removes the socket file when it has to end the process itself).
+pub fn enter_worker_keeping_landlock(role: ThreadRole) {
+    narrow_worker(role, cloister_seccomp::enter_thread_keeping_landlock);
+}
+
+fn narrow_worker(
+    role: ThreadRole,
+    enter: fn(ThreadRole) -> Result<Option<cloister_seccomp::Entered>, cloister_seccomp::Error>,
+) {
     if WORKER_ENTERED.with(Cell::get) {
         return;
     }
     WORKER_ENTERED.with(|e| e.set(true));
-    if let Err(e) = cloister_seccomp::enter_thread(role) {
+    if let Err(e) = enter(role) {
         log::error!(
             "cannot confine a {} thread: {}",
             role.name(),

@@ -2,12 +2,15 @@
 //! connection is shut down, and the socket file is removed on the way out.
 //!
 //! The signals are blocked in every thread and received synchronously by one dedicated thread
-//! (`sigwait`), so no code runs in signal-handler context and no worker thread is interrupted.
+//! (`sigtimedwait`), so no code runs in signal-handler context and no worker thread is
+//! interrupted. A stop that cannot finish (a worker stuck for good) ends the process after
+//! `STOP_GRACE`.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use vhost_user_backend::ShutdownHandle;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
@@ -48,8 +51,9 @@ impl Stop {
     }
 
     /// Starts the thread that turns the blocked signals into a stop request (a second signal
-    /// while stopping exits at once). Started after the sandbox, the thread is confined from
-    /// its first instruction, and narrows its policy to the signal thread's.
+    /// while stopping exits at once, and so does a stop that takes longer than `STOP_GRACE`).
+    /// Started after the sandbox, the thread is confined from its first instruction, and
+    /// narrows its seccomp policy to the signal thread's.
     pub fn listen(
         self: &Arc<Self>,
         socket_to_remove: Option<std::path::PathBuf>,
@@ -59,7 +63,11 @@ impl Stop {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                crate::sandbox::enter_worker(cloister_seccomp::ThreadRole::BackendSignals);
+                // It removes the socket file when it ends the process itself: it keeps the
+                // main thread's Landlock rights (the socket's directory) for that.
+                crate::sandbox::enter_worker_keeping_landlock(
+                    cloister_seccomp::ThreadRole::BackendSignals,
+                );
                 wait_for_signals(&thread_stop, set, socket_to_remove)
             })
             .map_err(Error::Signals)?;
@@ -116,31 +124,69 @@ fn termination_signals() -> libc::sigset_t {
     }
 }
 
+/// How long a stop may take before the daemon exits without finishing it. A clean stop
+/// drains the requests in flight, which takes milliseconds; a worker that never returns (one
+/// blocked for good writing a frontend's call descriptor, which vhost-user-backend does
+/// blocking) would otherwise keep the process alive until SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 fn wait_for_signals(stop: &Stop, set: libc::sigset_t, socket: Option<std::path::PathBuf>) {
-    loop {
-        let mut signal: libc::c_int = 0;
-        // SAFETY: `set` is initialised and `signal` is a valid out-pointer.
-        let ret = unsafe { libc::sigwait(&set, &mut signal) };
-        if ret != 0 {
-            log::error!(
-                "sigwait failed: {}; signals no longer stop the daemon",
-                io::Error::from_raw_os_error(ret)
-            );
-            return;
+    let exit_now = |why: std::fmt::Arguments<'_>| -> ! {
+        log::warn!("{why}: exiting now");
+        if let Some(path) = socket.as_ref() {
+            let _ = std::fs::remove_file(path);
         }
+        std::process::exit(1);
+    };
+    loop {
+        let timeout = stop.requested().then_some(STOP_GRACE);
+        let signal = match next_signal(&set, timeout) {
+            Ok(Some(signal)) => signal,
+            Ok(None) => exit_now(format_args!(
+                "the daemon did not stop within {} s of the request",
+                STOP_GRACE.as_secs()
+            )),
+            Err(e) => {
+                log::error!("sigwait failed: {e}; signals no longer stop the daemon");
+                return;
+            }
+        };
         let name = if signal == libc::SIGTERM {
             "SIGTERM"
         } else {
             "SIGINT"
         };
         if stop.requested() {
-            log::warn!("{name} again while stopping: exiting now");
-            if let Some(path) = socket.as_ref() {
-                let _ = std::fs::remove_file(path);
-            }
-            std::process::exit(1);
+            exit_now(format_args!("{name} again while stopping"));
         }
         log::info!("{name} received: stopping");
         stop.request();
+    }
+}
+
+/// The next of the blocked signals in `set`; None if `timeout` passed first.
+fn next_signal(set: &libc::sigset_t, timeout: Option<Duration>) -> io::Result<Option<i32>> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let left = deadline.map(|d| {
+            let left = d.saturating_duration_since(Instant::now());
+            libc::timespec {
+                tv_sec: left.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(left.subsec_nanos()),
+            }
+        });
+        let wait = left.as_ref().map_or(std::ptr::null(), |t| t as *const _);
+        // SAFETY: `set` is initialised; a null siginfo is allowed; `wait` is null or points to
+        // `left`, which outlives the call.
+        let signal = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), wait) };
+        if signal >= 0 {
+            return Ok(Some(signal));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) => return Ok(None),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
     }
 }

@@ -44,6 +44,8 @@ pub enum Outcome {
     Partial,
     /// Nothing: the kernel has no Landlock (or it is disabled).
     None,
+    /// No new layer: the thread keeps the domain of the thread that created it.
+    Inherited,
 }
 
 impl Outcome {
@@ -53,13 +55,14 @@ impl Outcome {
             Outcome::Full => "Landlock fully enforced",
             Outcome::Partial => "Landlock enforced as far as this kernel's ABI goes",
             Outcome::None => "Landlock not enforced",
+            Outcome::Inherited => "Landlock as its creator's",
         }
     }
 
     /// A warning for the log, if the file system is less restricted than asked.
     pub fn warning(self) -> Option<&'static str> {
         match self {
-            Outcome::Full | Outcome::Partial => None,
+            Outcome::Full | Outcome::Partial | Outcome::Inherited => None,
             Outcome::None => Some(
                 "Landlock is not available in this kernel: file system access is not restricted",
             ),

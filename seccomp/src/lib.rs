@@ -135,10 +135,30 @@ pub struct Entered {
 /// Confines the calling thread for `role`, with file system access to what `fs` allows (see
 /// the module documentation for the steps). Fails if [`init`] was not called.
 pub fn enter(role: ThreadRole, fs: &landlock::Rules) -> Result<Entered, Error> {
+    confine(role, Some(fs))
+}
+
+/// [`enter`] for a thread that keeps its creator's Landlock domain: one that must still
+/// remove a file there, since it cannot open the directory for a narrower rule once the
+/// creator is confined. Its seccomp policy is what keeps it from opening anything. Does
+/// nothing if the process never called [`init`].
+pub fn enter_thread_keeping_landlock(role: ThreadRole) -> Result<Option<Entered>, Error> {
+    if PROCESS.get().is_none() {
+        return Ok(None);
+    }
+    confine(role, None).map(Some)
+}
+
+/// No new privileges, no capabilities, the Landlock rules `fs` (None: the inherited domain
+/// stays as it is), then `role`'s seccomp filter.
+fn confine(role: ThreadRole, fs: Option<&landlock::Rules>) -> Result<Entered, Error> {
     let process = PROCESS.get().ok_or(Error::NotInitialised)?;
     privileges::set_no_new_privs().map_err(Error::NoNewPrivs)?;
     privileges::drop_all().map_err(Error::Capabilities)?;
-    let landlock = fs.restrict_self()?;
+    let landlock = match fs {
+        Some(fs) => fs.restrict_self()?,
+        None => landlock::Outcome::Inherited,
+    };
     let syscalls = match process.mode {
         SeccompMode::False => 0,
         mode => policy::install(role, mode)?,

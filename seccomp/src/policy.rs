@@ -492,7 +492,7 @@ fn backend_signals() -> Vec<Rule> {
         ),
         allow(
             SYS_unlink,
-            "removes the socket file when a second signal exits at once",
+            "removes the socket file when it ends the process itself (a second signal, a stop past its grace)",
         ),
     ]
 }

@@ -3,7 +3,10 @@
 
 mod common;
 
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
+use std::time::{Duration, Instant};
 
 use cloister_backends::test_frontend::blk::*;
 use common::*;
@@ -404,4 +407,68 @@ fn bad_command_lines_are_one_line_errors() {
 
     let (status, _) = run_cli(&["--help"]);
     assert!(status.success());
+}
+
+/// A frontend that hands over a full, blocking pipe as a queue's call descriptor stalls that
+/// queue's worker for good in its interrupt write (vhost-user-backend writes the descriptor
+/// blocking). One SIGTERM must still end the daemon, after its grace period, and remove the
+/// socket.
+#[test]
+fn sigterm_ends_a_daemon_whose_worker_is_stuck_in_a_call_write() {
+    use std::os::fd::FromRawFd;
+    use vhost::VhostBackend;
+    use vmm_sys_util::eventfd::EventFd;
+
+    let mut daemon = Daemon::start("stuck-call", &[]);
+    let mut blk = daemon.connect(1);
+    let mut fds = [0; 2];
+    // SAFETY: a valid array for pipe2's two descriptors.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let [read_end, write_end] = fds;
+    // Fill the pipe through a non-blocking descriptor of its own (O_NONBLOCK belongs to the
+    // open file, so the write end itself stays blocking for the daemon).
+    let filler = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(format!("/proc/self/fd/{write_end}"))
+        .unwrap();
+    let chunk = [0u8; 4096];
+    while (&filler).write(&chunk).is_ok() {}
+    // SAFETY: the descriptor is ours and owned by nothing else from here on.
+    let call = unsafe { EventFd::from_raw_fd(write_end) };
+    blk.connection()
+        .frontend()
+        .set_vring_call(0, &call)
+        .unwrap();
+
+    let slot = Slot::new(&blk, VIRTIO_BLK_T_IN, 0, 4096);
+    assert!(!blk.queue(0).enable_interrupts().unwrap());
+    slot.add(&mut blk, 0);
+    blk.queue(0).notify().unwrap();
+    // The read completes; the interrupt that follows blocks the worker.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while slot.status(&blk) != OK {
+        assert!(Instant::now() < deadline, "the read never completed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+
+    let started = Instant::now();
+    let status = daemon.signal_and_wait(libc::SIGTERM);
+    assert!(
+        !status.success(),
+        "a forced stop must not look clean: {status}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "stopped before the grace period: the worker was not stuck"
+    );
+    let log = daemon.log_text();
+    assert!(
+        !daemon.socket.exists(),
+        "socket left behind ({status}): {log}"
+    );
+    assert!(log.contains("did not stop"), "{log}");
+    // SAFETY: our own descriptor, closed once.
+    unsafe { libc::close(read_end) };
 }
