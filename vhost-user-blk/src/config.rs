@@ -21,8 +21,8 @@ pub const MAX_SERIAL_LEN: usize = 20;
 /// Serves a raw disk image to a VMM as a virtio-blk device over vhost-user.
 ///
 /// The daemon listens on --socket, serves one frontend at a time, and listens again when it
-/// disconnects. SIGTERM or SIGINT stop it and remove the socket (a stop that cannot finish within
-/// 5 s, or a second signal, ends it at once).
+/// disconnects. SIGTERM or SIGINT stop it and remove the socket; a second signal, or a stop
+/// still unfinished after 5 s (a worker stuck on a frontend's descriptor), ends it with status 1.
 #[derive(Debug, Parser)]
 #[command(name = "vhost-user-blk", version, about, long_about)]
 pub struct Args {
