@@ -608,9 +608,9 @@ mod tests {
                 .collect();
             assert!(refused.contains(&libc::SYS_openat), "{}", role.name());
         }
-        for role in ThreadRole::ALL {
-            let merged = Merged::new(&role.rules(), false);
-            for nr in [
+        assert_none_allows(
+            &ThreadRole::ALL,
+            &[
                 libc::SYS_execve,
                 libc::SYS_execveat,
                 libc::SYS_fork,
@@ -618,7 +618,14 @@ mod tests {
                 libc::SYS_ptrace,
                 libc::SYS_mount,
                 libc::SYS_setuid,
-            ] {
+            ],
+        );
+    }
+
+    fn assert_none_allows(roles: &[ThreadRole], syscalls: &[i64]) {
+        for role in roles {
+            let merged = Merged::new(&role.rules(), false);
+            for &nr in syscalls {
                 assert!(!merged.allows(nr), "{} allows {nr}", role.name());
             }
         }
@@ -628,23 +635,21 @@ mod tests {
     fn only_threads_that_start_threads_may_confine_new_ones() {
         // cloister's main thread starts all of its threads before it confines itself; the VMM's
         // other threads never start any.
-        for role in [
-            ThreadRole::VmmMain,
-            ThreadRole::VmmVcpu,
-            ThreadRole::VmmWatchdog,
-            ThreadRole::VmmConsole,
-        ] {
-            let merged = Merged::new(&role.rules(), false);
-            for nr in [
+        assert_none_allows(
+            &[
+                ThreadRole::VmmMain,
+                ThreadRole::VmmVcpu,
+                ThreadRole::VmmWatchdog,
+                ThreadRole::VmmConsole,
+            ],
+            &[
                 libc::SYS_clone,
                 libc::SYS_seccomp,
                 libc::SYS_landlock_create_ruleset,
                 libc::SYS_landlock_restrict_self,
                 libc::SYS_capset,
-            ] {
-                assert!(!merged.allows(nr), "{} allows {nr}", role.name());
-            }
-        }
+            ],
+        );
         assert!(Merged::new(&ThreadRole::BlkMain.rules(), false).allows(libc::SYS_clone));
     }
 }

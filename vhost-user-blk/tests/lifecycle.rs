@@ -228,7 +228,7 @@ fn a_memory_region_past_the_end_of_its_file_is_refused() {
     let mut daemon = Daemon::start("short-memfd", &["--poll-max-us", "0"]);
     {
         let mut blk = daemon.connect(1);
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(50));
         let mut regions = blk.ram().regions().unwrap();
         // SAFETY: memfd_create with a NUL-terminated name; the descriptor is owned at once.
         let short = unsafe {
@@ -246,7 +246,7 @@ fn a_memory_region_past_the_end_of_its_file_is_refused() {
         );
         // The queue goes on looking at its rings; they must not be read through that mapping.
         blk.queue(0).kick_now().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(300));
         daemon.assert_serves();
     }
     let mut blk = daemon.connect(1);
@@ -430,6 +430,8 @@ fn sigterm_ends_a_daemon_whose_worker_is_stuck_in_a_call_write() {
     // SAFETY: a valid array for pipe2's two descriptors.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     let [read_end, write_end] = fds;
+    // SAFETY: pipe2 just returned it; owned here alone, closed when the test ends.
+    let _read_end = unsafe { std::os::fd::OwnedFd::from_raw_fd(read_end) };
     // Fill the pipe through a non-blocking descriptor of its own (O_NONBLOCK belongs to the
     // open file, so the write end itself stays blocking for the daemon).
     let filler = std::fs::OpenOptions::new()
@@ -474,6 +476,4 @@ fn sigterm_ends_a_daemon_whose_worker_is_stuck_in_a_call_write() {
         "socket left behind ({status}): {log}"
     );
     assert!(log.contains("did not stop"), "{log}");
-    // SAFETY: our own descriptor, closed once.
-    unsafe { libc::close(read_end) };
 }
