@@ -27,10 +27,13 @@ pub enum ThreadRole {
     /// sockets and processes), stopping the vCPUs and the backends, the runtime directory.
     VmmMain,
     /// A `cloister` vCPU thread: KVM_RUN and the devices it reaches (UART, PCI and virtio
-    /// transports, the vhost-user requests that activating a device sends).
+    /// transports). It talks to no backend: device starts and stops are the control threads'.
     VmmVcpu,
     /// The request watchdog of one vhost-user connection in `cloister`.
     VmmWatchdog,
+    /// One device's control thread in `cloister`: the vhost-user requests that start and stop
+    /// its queues.
+    VmmDeviceControl,
     /// `cloister`'s console writer: moves the guest's serial output to stdout or its file.
     VmmConsole,
     /// `vhost-user-blk`'s main thread (the serve loop), and the vhost-user control thread it
@@ -44,10 +47,11 @@ pub enum ThreadRole {
 
 impl ThreadRole {
     /// Every role, for listings and tests.
-    pub const ALL: [ThreadRole; 7] = [
+    pub const ALL: [ThreadRole; 8] = [
         ThreadRole::VmmMain,
         ThreadRole::VmmVcpu,
         ThreadRole::VmmWatchdog,
+        ThreadRole::VmmDeviceControl,
         ThreadRole::VmmConsole,
         ThreadRole::BlkMain,
         ThreadRole::BlkWorker,
@@ -60,6 +64,7 @@ impl ThreadRole {
             ThreadRole::VmmMain => "vmm-main",
             ThreadRole::VmmVcpu => "vmm-vcpu",
             ThreadRole::VmmWatchdog => "vmm-watchdog",
+            ThreadRole::VmmDeviceControl => "vmm-device-control",
             ThreadRole::VmmConsole => "vmm-console",
             ThreadRole::BlkMain => "blk-main",
             ThreadRole::BlkWorker => "blk-worker",
@@ -79,6 +84,7 @@ impl ThreadRole {
             ThreadRole::VmmMain => vec![base(), vmm_main()],
             ThreadRole::VmmVcpu => vec![base(), vmm_vcpu()],
             ThreadRole::VmmWatchdog => vec![base(), vmm_watchdog()],
+            ThreadRole::VmmDeviceControl => vec![base(), vmm_device_control()],
             ThreadRole::VmmConsole => vec![base(), vmm_console()],
             ThreadRole::BlkMain => vec![
                 base(),
@@ -337,11 +343,8 @@ fn vmm_vcpu() -> Vec<Rule> {
         allow_values(SYS_ioctl, 1, &[kvm::get_regs(), kvm::get_sregs()], "reads the registers to describe a vCPU failure"),
         allow_values(SYS_ioctl, 1, &[kvm::ioeventfd(), kvm::irqfd(), kvm::set_gsi_routing()], "the guest moves a BAR, programs MSI-X or activates a device: notifications and interrupts are rewired in KVM"),
         allow(SYS_eventfd2, "an MSI-X vector without an interrupt eventfd yet gets one"),
-        allow_values(SYS_fcntl, 1, &[F_GETFD as u64, F_DUPFD_CLOEXEC as u64], "duplicates eventfds handed to a backend"),
-        allow(SYS_close, "eventfds and connections dropped on a device reset"),
-        allow(SYS_sendmsg, "vhost-user requests when the guest activates or resets a device (with eventfds and the memory table)"),
-        allow(SYS_recvmsg, "vhost-user replies"),
-        allow(SYS_shutdown, "drops a backend connection that failed a request"),
+        allow_values(SYS_fcntl, 1, &[F_GETFD as u64, F_DUPFD_CLOEXEC as u64], "duplicates the eventfds a device start hands to the backend"),
+        allow(SYS_close, "eventfds dropped on a device reset"),
         allow(SYS_read, "eventfds, when an interrupt has to be delivered the slow way"),
         allow(SYS_poll, "the guest reads MSI-X pending bits: whether a masked vector's eventfd was signalled (zero timeout)"),
         allow(SYS_ppoll, "poll on libcs that implement it with ppoll"),
@@ -358,6 +361,32 @@ fn vmm_watchdog() -> Vec<Rule> {
         allow(
             SYS_close,
             "drops its socket duplicate when the connection goes",
+        ),
+    ]
+}
+
+/// A device's control thread: the vhost-user requests that start and stop its queues.
+fn vmm_device_control() -> Vec<Rule> {
+    use libc::*;
+    vec![
+        allow(
+            SYS_sendmsg,
+            "vhost-user requests (with eventfds and the memory table's memfds)",
+        ),
+        allow(SYS_recvmsg, "vhost-user replies"),
+        allow(
+            SYS_shutdown,
+            "drops a backend connection that failed a request",
+        ),
+        allow(
+            SYS_close,
+            "eventfds handed over, and the connection when the device goes",
+        ),
+        allow_values(
+            SYS_fcntl,
+            1,
+            &[F_GETFD as u64],
+            "std checks that a descriptor it closes is open (debug builds)",
         ),
     ]
 }
@@ -632,6 +661,16 @@ mod tests {
     }
 
     #[test]
+    fn vcpus_never_talk_to_backends() {
+        // A slow or hostile backend must not be able to hold a vCPU: vhost-user requests are
+        // the device control threads'.
+        assert_none_allows(
+            &[ThreadRole::VmmVcpu],
+            &[libc::SYS_sendmsg, libc::SYS_recvmsg, libc::SYS_shutdown],
+        );
+    }
+
+    #[test]
     fn only_threads_that_start_threads_may_confine_new_ones() {
         // cloister's main thread starts all of its threads before it confines itself; the VMM's
         // other threads never start any.
@@ -640,6 +679,7 @@ mod tests {
                 ThreadRole::VmmMain,
                 ThreadRole::VmmVcpu,
                 ThreadRole::VmmWatchdog,
+                ThreadRole::VmmDeviceControl,
                 ThreadRole::VmmConsole,
             ],
             &[

@@ -401,7 +401,7 @@ fn killed_backend_is_reported_and_the_vm_still_stops() {
             .expect_no_console("panicked");
         let pid = o.mark_u64("backend.pid");
         o.expect_console(&format!(
-            "cloister: disk0 (vhost-user-blk, pid {pid}): backend exited with signal 9 (SIGKILL)"
+            "cloister: _disk0 (vhost-user-blk, pid {pid}): backend exited with signal 9 (SIGKILL)"
         ));
         o.expect_console("cloister: terminated by signal SIGTERM");
     });

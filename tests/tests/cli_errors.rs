@@ -447,8 +447,74 @@ fn disk_socket_with_managed_only_keys() {
     assert_usage_error(
         &r,
         "--disk socket=/run/x.sock,serial=abc",
-        "serial= only applies to path= disks",
+        "serial= only applies when cloister starts the backend",
     );
+}
+
+#[test]
+fn share_directory_missing() {
+    let r = run_with_kernel(&["--fs", "tag=share,path=/nonexistent/dir"]);
+    assert_usage_error(
+        &r,
+        "--fs tag=share,path=/nonexistent/dir",
+        "path: cannot open /nonexistent/dir: No such file or directory",
+    );
+}
+
+#[test]
+fn duplicate_tags_and_ids() {
+    let r = run_with_kernel(&[
+        "--fs",
+        "tag=a,socket=/run/a.sock",
+        "--fs",
+        "tag=a,socket=/run/b.sock",
+    ]);
+    assert_usage_error(
+        &r,
+        "--fs tag=a,socket=/run/b.sock",
+        "tag=a is taken by another device",
+    );
+    let r = run_with_kernel(&[
+        "--disk",
+        "socket=/run/d.sock,id=x",
+        "--fs",
+        "tag=a,socket=/run/a.sock,id=x",
+    ]);
+    assert_usage_error(
+        &r,
+        "--fs tag=a,socket=/run/a.sock,id=x",
+        "id 'x' is taken by another device",
+    );
+}
+
+#[test]
+fn new_device_options_name_their_problem() {
+    for (option, value, what) in [
+        ("--fs", "socket=/run/a.sock", "needs tag=TAG"),
+        (
+            "--generic-vhost-user",
+            "device_type=rng,socket=/run/r.sock",
+            "needs queue_sizes=[N,...]",
+        ),
+        (
+            "--generic-vhost-user",
+            "device_type=toaster,socket=/run/r.sock,queue_sizes=[8]",
+            "not a virtio device ID",
+        ),
+        (
+            "--vsock",
+            "cid=1,socket=/tmp/v.sock",
+            "cid: 1 is not a guest CID",
+        ),
+        (
+            "--rng",
+            "src=/nonexistent/entropy",
+            "src: cannot open /nonexistent/entropy",
+        ),
+    ] {
+        let r = run_with_kernel(&[option, value]);
+        assert_usage_error(&r, &format!("{option} {value}"), what);
+    }
 }
 
 #[test]

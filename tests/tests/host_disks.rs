@@ -151,8 +151,8 @@ fn a_backend_that_cannot_start_is_named() {
     assert_eq!(stdout, "", "the guest must not start");
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
-        (last.starts_with("cloister: error: disk0 (vhost-user-blk, pid ")
-            || last.starts_with("cloister: error: disk1 (vhost-user-blk, pid "))
+        (last.starts_with("cloister: error: _disk0 (vhost-user-blk, pid ")
+            || last.starts_with("cloister: error: _disk1 (vhost-user-blk, pid "))
             && last.ends_with("): the backend exited with status 1 before its socket appeared"),
         "stderr:\n{stderr}"
     );

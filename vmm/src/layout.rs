@@ -91,6 +91,11 @@ impl VirtioMmioSlot {
             gsi: VIRTIO_MMIO_GSI_BASE + n,
         })
     }
+
+    /// Its number `n`.
+    pub fn index(&self) -> u32 {
+        self.gsi - VIRTIO_MMIO_GSI_BASE
+    }
 }
 
 /// How guest RAM is split around the MMIO hole.

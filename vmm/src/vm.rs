@@ -19,13 +19,14 @@ use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, Initramfs, Kernel};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::cpu::{cpuid, msrs, Vcpu, VcpuContext, VcpuError};
+use crate::device_manager::placement::{Placement, PlacementError};
+use crate::device_manager::{Buses, DeviceManager, DeviceManagerError};
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_PORT, ACPI_PM_PORT_LEN};
 use crate::devices::console_output::{self, ConsoleWriter};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::pvpanic::{PvPanic, PVPANIC_PORT};
 use crate::devices::serial::{Output, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use crate::devices::{Bus, BusDevice, BusError};
-use crate::disks::{AttachContext, Disks, DisksError};
 use crate::exit::ExitLatch;
 pub use crate::exit::ExitReason;
 use crate::irqchip::{self, IrqchipError};
@@ -35,7 +36,7 @@ use crate::layout::{
 };
 use crate::memory::{GuestRam, MemoryError};
 use crate::pci::bus::{CONFIG_IO_LEN, CONFIG_IO_PORT};
-use crate::pci::{BarAllocator, PciConfigIo, PciConfigMmio, PciRoot};
+use crate::pci::{PciConfigIo, PciConfigMmio, PciRoot};
 use crate::terminal::RawTerminal;
 use crate::vm_ops::{KvmVmOps, VmOps};
 
@@ -65,7 +66,9 @@ pub enum VmError {
     #[error("cannot {0}")]
     Signal(&'static str, #[source] vmm_sys_util::errno::Error),
     #[error(transparent)]
-    Disks(#[from] DisksError),
+    Devices(#[from] DeviceManagerError),
+    #[error("cannot lay out the PCI windows")]
+    Placement(#[from] PlacementError),
     #[error("cannot enter the sandbox")]
     Sandbox(#[from] cloister_seccomp::Error),
 }
@@ -88,8 +91,9 @@ pub struct Vm {
     console_writer: ConsoleWriter,
     /// stdin feeds the UART (`--serial tty`).
     console_input: bool,
-    /// Disk backends, watched while the guest runs and stopped when it ends.
-    disks: Disks,
+    /// Every virtio device and its backend, watched while the guest runs and stopped when it
+    /// ends.
+    devices: DeviceManager,
 }
 
 impl Vm {
@@ -135,12 +139,13 @@ impl Vm {
             }
             .into());
         }
-        // Every option is checked now; the disks' backends start while we build the VM.
+        // Every option is checked now; the devices' backends start while we build the VM.
         cfg.check_files()?;
-        // Before any thread exists (the vhost-user watchdogs start when the disks attach):
-        // the SIGSYS reporter and the mode every thread will be confined with.
+        // Before any thread exists (the vhost-user watchdogs and control threads start when
+        // the devices attach): the SIGSYS reporter and the mode every thread will be confined
+        // with.
         cloister_seccomp::init("cloister", cfg.seccomp).map_err(VmError::from)?;
-        let mut disks = Disks::launch(&cfg.disks, cfg.seccomp).map_err(VmError::from)?;
+        let mut devices = DeviceManager::new(&cfg.devices).map_err(VmError::from)?;
         let vm_fd = Arc::new(
             kvm.create_vm()
                 .map_err(|e| VmError::Kvm("create the VM", e))?,
@@ -192,22 +197,21 @@ impl Vm {
         .map_err(VmError::from)?;
         add(Arc::new(PvPanic::new(exit.clone())), PVPANIC_PORT, 1).map_err(VmError::from)?;
 
-        // PCI bus 0 and the disks (on it or on virtio-mmio). BARs start where firmware would
+        // PCI bus 0 and the devices (on it or on virtio-mmio). BARs start where firmware would
         // have put them: 64-bit ones above RAM.
         let vm_ops: Arc<dyn VmOps> = Arc::new(KvmVmOps::new(vm_fd.clone()));
-        let mut pci = PciRoot::new();
+        let pci = Arc::new(PciRoot::new());
         let pci_mmio64 = ram.layout.pci_mmio64_window();
-        let virtio_mmio = disks
-            .attach(&mut AttachContext {
-                memory: &ram.memory,
+        let placement = Placement::new(pci.clone(), pci_mmio64, (PCI_MMIO_START, PCI_MMIO_SIZE))
+            .map_err(VmError::from)?;
+        let virtio_mmio = devices
+            .attach(Buses {
+                memory: ram.memory.clone(),
                 vm: vm_ops,
-                mmio_bus: &mmio_bus,
-                pci: &mut pci,
-                bar64: &mut BarAllocator::new("64-bit", pci_mmio64.0, pci_mmio64.1),
-                bar32: &mut BarAllocator::new("32-bit", PCI_MMIO_START, PCI_MMIO_SIZE),
+                mmio_bus: mmio_bus.clone(),
+                placement,
             })
             .map_err(VmError::from)?;
-        let pci = Arc::new(pci);
         io_bus
             .insert(
                 Arc::new(PciConfigIo::new(pci.clone())),
@@ -270,7 +274,7 @@ impl Vm {
             serial,
             console_writer,
             console_input: cfg.serial == SerialConfig::Tty,
-            disks,
+            devices,
         })
     }
 
@@ -351,7 +355,7 @@ impl Vm {
         };
 
         stop.store(true, Ordering::Release);
-        self.disks.disconnect();
+        self.devices.disconnect();
         for t in &threads {
             // A thread that already finished is still joinable, so the handle is valid.
             let _ = t.kill(crate::cpu::vcpu::kick_signal());
@@ -360,7 +364,7 @@ impl Vm {
             let _ = t.join();
         }
         self.finish_console();
-        self.disks.shutdown();
+        self.devices.shutdown();
         result
     }
 
@@ -383,7 +387,7 @@ impl Vm {
     /// Confines the main thread: the vmm-main seccomp policy, Landlock access to the backends'
     /// sockets and the runtime directory only, no capabilities.
     fn enter_sandbox(&self) -> Result<(), VmError> {
-        let entered = cloister_seccomp::enter(ThreadRole::VmmMain, &self.disks.landlock_rules())?;
+        let entered = cloister_seccomp::enter(ThreadRole::VmmMain, &self.devices.landlock_rules())?;
         if let Some(warning) = entered.landlock.warning() {
             eprintln!("cloister: warning: {warning}");
         }
@@ -393,8 +397,9 @@ impl Vm {
     /// The main thread's loop: waits for an exit request or a signal, and pumps stdin into
     /// the UART, never faster than the guest drains its FIFO.
     ///
-    /// It also watches the disks' backends: a socket hang-up or a managed backend's exit is
-    /// reported and the device marked as needing a reset, and the guest keeps running. This is
+    /// It also watches the devices' backends: a socket hang-up, a managed backend's exit or a
+    /// failed device start is reported and the device marked as needing a reset, and the guest
+    /// keeps running. This is
     /// poll(2) rather than epoll: stdin may be a regular file or /dev/null, which epoll refuses.
     fn wait_for_exit(&mut self, signals: &SignalFd) -> Result<ExitReason, VmError> {
         let drained = self
@@ -422,7 +427,7 @@ impl Vm {
                     -1
                 }),
             ];
-            let watches = self.disks.watches();
+            let watches = self.devices.watches();
             fds.extend(watches.iter().map(|&(fd, events, _)| libc::pollfd {
                 fd,
                 events,
@@ -467,7 +472,7 @@ impl Vm {
             }
             for (pfd, &(_, _, watch)) in fds[4..].iter().zip(&watches) {
                 if pfd.revents != 0 {
-                    self.disks.on_event(watch);
+                    self.devices.on_event(watch);
                 }
             }
         }

@@ -13,6 +13,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use thiserror::Error;
+use vm_allocator::IdAllocator;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::irqchip::{self, IOAPIC_PINS};
@@ -34,6 +35,8 @@ pub enum VmOpsError {
 pub trait VmOps: Send + Sync {
     /// A GSI of its own for an MSI vector.
     fn allocate_gsi(&self) -> Result<u32, VmOpsError>;
+    /// Gives `gsi` back, with its route (a device was removed).
+    fn free_gsi(&self, gsi: u32);
     /// Points `gsi` at an MSI message.
     fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), VmOpsError>;
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), VmOpsError>;
@@ -59,26 +62,27 @@ pub trait VmOps: Send + Sync {
 struct RouteTable {
     legacy: Vec<kvm_irq_routing_entry>,
     msi: BTreeMap<u32, (u64, u32)>,
-    next_gsi: u32,
+    /// MSI GSIs, above the IOAPIC pins, as many as fit in KVM's table beside the PC routes;
+    /// freed ones are handed out again (devices come and go).
+    gsis: IdAllocator,
 }
 
 impl RouteTable {
     fn new() -> Self {
+        let legacy = irqchip::default_routes();
+        let last = IOAPIC_PINS + (MAX_ROUTES - legacy.len()) as u32 - 1;
         RouteTable {
-            legacy: irqchip::default_routes(),
+            legacy,
             msi: BTreeMap::new(),
-            // GSIs below are IOAPIC pins.
-            next_gsi: IOAPIC_PINS,
+            gsis: IdAllocator::new(IOAPIC_PINS, last)
+                .expect("the PC routes are far fewer than KVM's limit"),
         }
     }
 
     fn allocate(&mut self) -> Result<u32, VmOpsError> {
-        if self.legacy.len() + (self.next_gsi - IOAPIC_PINS) as usize >= MAX_ROUTES {
-            return Err(VmOpsError::GsisExhausted);
-        }
-        let gsi = self.next_gsi;
-        self.next_gsi += 1;
-        Ok(gsi)
+        self.gsis
+            .allocate_id()
+            .map_err(|_| VmOpsError::GsisExhausted)
     }
 
     fn entries(&self) -> Vec<kvm_irq_routing_entry> {
@@ -133,6 +137,18 @@ impl VmOps for KvmVmOps {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .allocate()
+    }
+
+    fn free_gsi(&self, gsi: u32) {
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        if routes.msi.remove(&gsi).is_some() {
+            // A stale route to a freed GSI is harmless (nothing signals it), so a failure to
+            // shrink KVM's table is not worth more than keeping ours in step.
+            if let Ok(table) = KvmIrqRouting::from_entries(&routes.entries()) {
+                let _ = self.vm.set_gsi_routing(&table);
+            }
+        }
+        let _ = routes.gsis.free_id(gsi);
     }
 
     fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), VmOpsError> {
@@ -202,6 +218,7 @@ pub mod fake {
     #[derive(Default)]
     pub struct State {
         pub next_gsi: u32,
+        pub freed_gsis: Vec<u32>,
         pub routes: BTreeMap<u32, (u64, u32)>,
         /// (eventfd, gsi)
         pub irqfds: BTreeSet<(i32, u32)>,
@@ -226,6 +243,11 @@ pub mod fake {
             let gsi = IOAPIC_PINS + s.next_gsi;
             s.next_gsi += 1;
             Ok(gsi)
+        }
+        fn free_gsi(&self, gsi: u32) {
+            let mut s = self.state();
+            s.routes.remove(&gsi);
+            s.freed_gsis.push(gsi);
         }
         fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), VmOpsError> {
             self.state().routes.insert(gsi, (address, data));

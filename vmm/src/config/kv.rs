@@ -17,19 +17,20 @@ pub enum KvError {
     Duplicate(String),
 }
 
-/// Splits `s` into `(key, value)` pairs, checking every key against `valid`.
+/// Splits `s` into `(key, value)` pairs, checking every key against `valid`. A value in
+/// brackets may hold commas (`queue_sizes=[256,256]`, Cloud Hypervisor's list syntax).
 ///
 /// `expected` is an example shown in messages, e.g. `"boot=N"`.
 pub fn parse<'a>(
     s: &'a str,
-    valid: &'static [&'static str],
+    valid: &[&str],
     expected: &'static str,
 ) -> Result<Vec<(&'a str, &'a str)>, KvError> {
     if s.trim().is_empty() {
         return Err(KvError::Empty(expected));
     }
     let mut pairs: Vec<(&str, &str)> = Vec::new();
-    for item in s.split(',') {
+    for item in split_items(s) {
         let (key, value) = item.split_once('=').ok_or_else(|| KvError::NotKeyValue {
             item: item.to_string(),
             expected,
@@ -47,6 +48,37 @@ pub fn parse<'a>(
         pairs.push((key, value.trim()));
     }
     Ok(pairs)
+}
+
+/// `s` split at the commas outside brackets.
+fn split_items(s: &str) -> Vec<&str> {
+    let mut items = Vec::new();
+    let (mut depth, mut start) = (0usize, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                items.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&s[start..]);
+    items
+}
+
+/// The items of a bracketed list value, `[a,b]` (brackets optional for a single item).
+pub fn list(value: &str) -> Vec<&str> {
+    let inner = value
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .unwrap_or(value);
+    if inner.trim().is_empty() {
+        return Vec::new();
+    }
+    inner.split(',').map(str::trim).collect()
 }
 
 #[cfg(test)]
@@ -86,5 +118,16 @@ mod tests {
             parse("boot=1,boot=2", &["boot"], "boot=N"),
             Err(KvError::Duplicate("boot".into()))
         );
+    }
+
+    #[test]
+    fn bracketed_lists_keep_their_commas() {
+        assert_eq!(
+            parse("a=[1,2],b=3", &["a", "b"], "a=[N,...]"),
+            Ok(vec![("a", "[1,2]"), ("b", "3")])
+        );
+        assert_eq!(list("[1, 2]"), vec!["1", "2"]);
+        assert_eq!(list("7"), vec!["7"]);
+        assert!(list("[]").is_empty());
     }
 }

@@ -5,7 +5,7 @@
 //! [`ConfigError`]s naming the option.
 
 pub mod cpus;
-pub mod disk;
+pub mod device;
 pub mod kv;
 pub mod memory;
 pub mod serial;
@@ -19,11 +19,12 @@ pub use cloister_seccomp::SeccompMode;
 use thiserror::Error;
 
 pub use cpus::{CpusConfig, CpusError};
-pub use disk::{DiskConfig, DiskError, DiskSource, TransportKind};
+pub use device::{OptionError, TransportKind};
 pub use memory::{MemoryConfig, MemoryOptionError};
 pub use serial::{SerialConfig, SerialError};
 
 use crate::boot::{InitramfsError, KernelError};
+use crate::kinds::{self, Backend, DeviceSpec};
 
 /// Default guest command line: the console on the first UART, which is all a guest needs to
 /// talk to us. Anything else is the user's choice.
@@ -69,11 +70,41 @@ pub struct Cli {
     /// A virtio-blk disk served by a vhost-user-blk process; repeat for more disks (the guest
     /// sees them in order: vda, vdb, ...). "path=FILE" makes cloister start vhost-user-blk for
     /// the raw image FILE (with readonly=on|off, direct=on|off for O_DIRECT, serial=S) and stop
-    /// it with the VM; "socket=PATH" connects to a backend someone else started. Both take
-    /// num_queues=N (1-64), queue_size=N (power of two, 2-1024, default 256) and
-    /// transport=pci|mmio (default pci).
+    /// it with the VM; "socket=PATH" connects to a backend someone else started. Every device
+    /// option also takes id=ID (default _disk0, _fs1, ...: one counter for every kind),
+    /// num_queues=N, queue_size=N (power of two, 2-1024, default 256) and transport=pci|mmio
+    /// (default pci).
     #[arg(long, value_name = "path=FILE|socket=PATH[,...]")]
     pub disk: Vec<String>,
+
+    /// A virtio-fs share: "tag=TAG,socket=PATH" connects to a virtiofsd someone else started
+    /// (any standard one); "tag=TAG,path=DIR[,readonly=on][,cache=auto|always|never]" makes
+    /// cloister start the Rust virtiofsd for DIR and stop it with the VM. num_queues=N is the
+    /// number of request queues (default 1), queue_size=N defaults to 1024. The guest mounts
+    /// it with `mount -t virtiofs TAG /mnt`.
+    #[arg(long, value_name = "tag=TAG,socket=PATH|path=DIR[,...]")]
+    pub fs: Vec<String>,
+
+    /// An entropy device: "src=FILE" (default /dev/urandom) makes cloister start
+    /// vhost-device-rng reading FILE; "socket=PATH" connects to an rng backend someone else
+    /// started.
+    #[arg(long, value_name = "src=FILE|socket=PATH")]
+    pub rng: Option<String>,
+
+    /// A virtio-vsock device with guest CID N, served by vhost-device-vsock, which cloister
+    /// starts: host programs connect to the unix socket PATH and send "CONNECT <port>\n" to
+    /// reach a guest port; guest connections to host port P go to "PATH_P" (the hybrid vsock
+    /// of Cloud Hypervisor and Firecracker). "backend_socket=PATH" connects to a vsock backend
+    /// someone else started instead.
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    pub vsock: Option<String>,
+
+    /// Any vhost-user device someone else started: device_type=NAME|NUMBER (net, blk,
+    /// console, rng, fs, vsock, sound, gpio, i2c, ... or the virtio device ID),
+    /// socket=PATH, queue_sizes=[N,...] (one per queue). Its config space comes from the
+    /// backend (GET_CONFIG) when it offers one.
+    #[arg(long, value_name = "device_type=T,socket=PATH,queue_sizes=[N,...]")]
+    pub generic_vhost_user: Vec<String>,
 
     /// Seccomp filtering of cloister's threads, and of the backends it starts: "true" names
     /// a system call outside a thread's policy and kills the process (SIGSYS), "log" names it
@@ -132,22 +163,36 @@ pub enum ConfigError {
     CmdlineTooLong { len: usize, max: usize },
     #[error("--cmdline: contains a NUL byte")]
     CmdlineNul,
-    #[error("--disk {value}")]
-    Disk {
+    #[error("{option} {value}")]
+    Device {
+        option: &'static str,
         value: String,
         #[source]
-        source: DiskError,
+        source: OptionError,
     },
-    #[error("--disk {value}: more than {max} disks with transport={transport}")]
-    TooManyDisks {
+    #[error("{option} {value}: more than {max} devices with transport={transport}")]
+    TooManyDevices {
+        option: &'static str,
         value: String,
         max: usize,
         transport: &'static str,
     },
+    #[error("{option} {value}: id '{id}' is taken by another device")]
+    DuplicateId {
+        option: &'static str,
+        value: String,
+        id: String,
+    },
+    #[error("{option} {value}: {key} is taken by another device")]
+    DuplicateKey {
+        option: &'static str,
+        value: String,
+        key: String,
+    },
 }
 
 /// Everything needed to build the VM, validated.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initramfs: Option<PathBuf>,
@@ -155,14 +200,16 @@ pub struct VmConfig {
     pub cpus: CpusConfig,
     pub memory: MemoryConfig,
     pub serial: SerialConfig,
-    pub disks: Vec<DiskConfig>,
+    /// Every virtio device, in the order given (disks first, then shares, rng, vsock and
+    /// generic devices).
+    pub devices: Vec<DeviceSpec>,
     pub seccomp: SeccompMode,
 }
 
 /// PCI bus 0 has 31 free slots (the host bridge is 00.0).
-pub const MAX_PCI_DISKS: usize = 31;
+pub const MAX_PCI_DEVICES: usize = 31;
 /// One IOAPIC pin each: [`crate::layout::VIRTIO_MMIO_SLOTS`].
-pub const MAX_MMIO_DISKS: usize = crate::layout::VIRTIO_MMIO_SLOTS as usize;
+pub const MAX_MMIO_DEVICES: usize = crate::layout::VIRTIO_MMIO_SLOTS as usize;
 
 impl VmConfig {
     /// Validates the command line. `host_ram` is the host's total RAM in bytes.
@@ -183,7 +230,7 @@ impl VmConfig {
         if cli.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
         }
-        let disks = parse_disks(&cli.disk)?;
+        let devices = parse_devices(cli)?;
         Ok(VmConfig {
             kernel: cli.kernel.clone(),
             initramfs: cli.initramfs.clone(),
@@ -191,46 +238,98 @@ impl VmConfig {
             cpus,
             memory,
             serial,
-            disks,
+            devices,
             seccomp: cli.seccomp,
         })
     }
 
-    /// Checks what the user named on the host (disk images), before anything is started.
+    /// Checks what the user named on the host (disk images, shared directories), before
+    /// anything is started.
     pub fn check_files(&self) -> Result<(), ConfigError> {
-        for disk in &self.disks {
-            disk.check_image().map_err(|source| ConfigError::Disk {
-                value: disk.spec.clone(),
-                source,
-            })?;
+        for d in &self.devices {
+            let Backend::Managed(profile) = &d.backend else {
+                continue;
+            };
+            for path in &profile.paths {
+                path.check().map_err(|source| ConfigError::Device {
+                    option: d.option,
+                    value: d.value.clone(),
+                    source,
+                })?;
+            }
         }
         Ok(())
     }
 }
 
-fn parse_disks(values: &[String]) -> Result<Vec<DiskConfig>, ConfigError> {
-    let mut disks = Vec::with_capacity(values.len());
+type KindParser = fn(&str, SeccompMode) -> Result<DeviceSpec, OptionError>;
+
+/// Every device option, each by its kind's parser; then the limits that span options: ids
+/// are unique, and each transport has room.
+fn parse_devices(cli: &Cli) -> Result<Vec<DeviceSpec>, ConfigError> {
+    let options: [(&'static str, &[String], KindParser); 5] = [
+        (kinds::blk::OPTION, &cli.disk, kinds::blk::parse),
+        (kinds::fs::OPTION, &cli.fs, kinds::fs::parse),
+        (kinds::rng::OPTION, cli.rng.as_slice(), kinds::rng::parse),
+        (
+            kinds::vsock::OPTION,
+            cli.vsock.as_slice(),
+            kinds::vsock::parse,
+        ),
+        (
+            kinds::generic::OPTION,
+            &cli.generic_vhost_user,
+            kinds::generic::parse,
+        ),
+    ];
+    let mut devices: Vec<DeviceSpec> = Vec::new();
     let (mut pci, mut mmio) = (0, 0);
-    for value in values {
-        let disk = DiskConfig::parse(value).map_err(|source| ConfigError::Disk {
-            value: value.clone(),
-            source,
-        })?;
-        let (count, max, transport) = match disk.transport {
-            TransportKind::Pci => (&mut pci, MAX_PCI_DISKS, "pci"),
-            TransportKind::Mmio => (&mut mmio, MAX_MMIO_DISKS, "mmio"),
-        };
-        *count += 1;
-        if *count > max {
-            return Err(ConfigError::TooManyDisks {
+    for (option, values, parse) in options {
+        for value in values {
+            let d = parse(value, cli.seccomp).map_err(|source| ConfigError::Device {
+                option,
                 value: value.clone(),
-                max,
-                transport,
-            });
+                source,
+            })?;
+            if let Some(id) = &d.id {
+                if devices.iter().any(|o| o.id.as_ref() == Some(id)) {
+                    return Err(ConfigError::DuplicateId {
+                        option,
+                        value: value.clone(),
+                        id: id.clone(),
+                    });
+                }
+            }
+            if let Some(key) = d.kind.unique_key() {
+                let taken = devices.iter().any(|o| {
+                    o.kind.kind_name() == d.kind.kind_name()
+                        && o.kind.unique_key().as_ref() == Some(&key)
+                });
+                if taken {
+                    return Err(ConfigError::DuplicateKey {
+                        option,
+                        value: value.clone(),
+                        key,
+                    });
+                }
+            }
+            let (count, max) = match d.transport {
+                TransportKind::Pci => (&mut pci, MAX_PCI_DEVICES),
+                TransportKind::Mmio => (&mut mmio, MAX_MMIO_DEVICES),
+            };
+            *count += 1;
+            if *count > max {
+                return Err(ConfigError::TooManyDevices {
+                    option,
+                    value: value.clone(),
+                    max,
+                    transport: d.transport.as_str(),
+                });
+            }
+            devices.push(d);
         }
-        disks.push(disk);
     }
-    Ok(disks)
+    Ok(devices)
 }
 
 /// The host's total RAM in bytes, from sysinfo(2).
@@ -296,23 +395,23 @@ mod tests {
     }
 
     #[test]
-    fn disks_in_order_and_per_transport_limits() {
+    fn devices_in_order_and_per_transport_limits() {
         let cfg = VmConfig::from_cli(
-            &cli(&["--disk", "path=/a", "--disk", "socket=/s,transport=mmio"]),
+            &cli(&[
+                "--disk",
+                "path=/a",
+                "--disk",
+                "socket=/s,transport=mmio",
+                "--fs",
+                "tag=t,socket=/f",
+            ]),
             1 << 30,
         )
         .unwrap();
-        assert_eq!(cfg.disks.len(), 2);
-        assert_eq!(
-            cfg.disks[0].source,
-            DiskSource::Managed {
-                path: "/a".into(),
-                readonly: false,
-                direct: false,
-                serial: None
-            }
-        );
-        assert_eq!(cfg.disks[1].transport, TransportKind::Mmio);
+        assert_eq!(cfg.devices.len(), 3);
+        assert_eq!(cfg.devices[0].value, "path=/a");
+        assert_eq!(cfg.devices[1].transport, TransportKind::Mmio);
+        assert_eq!(cfg.devices[2].option, "--fs");
         let mut args = Vec::new();
         for _ in 0..9 {
             args.extend(["--disk", "socket=/s,transport=mmio"]);
@@ -320,13 +419,26 @@ mod tests {
         let e = VmConfig::from_cli(&cli(&args), 1 << 30).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "--disk socket=/s,transport=mmio: more than 8 disks with transport=mmio"
+            "--disk socket=/s,transport=mmio: more than 8 devices with transport=mmio"
         );
         let e = VmConfig::from_cli(&cli(&["--disk", "path=/nonexistent/x"]), 1 << 30)
             .unwrap()
             .check_files()
             .unwrap_err();
-        assert!(matches!(e, ConfigError::Disk { .. }));
+        assert!(matches!(e, ConfigError::Device { .. }));
+    }
+
+    #[test]
+    fn ids_are_unique_across_kinds() {
+        let e = VmConfig::from_cli(
+            &cli(&["--disk", "path=/a,id=x", "--fs", "tag=t,socket=/f,id=x"]),
+            1 << 30,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--fs tag=t,socket=/f,id=x: id 'x' is taken by another device"
+        );
     }
 
     #[test]

@@ -25,39 +25,52 @@ pub enum PciRootError {
     Full,
 }
 
+type Slots = [Option<Arc<dyn PciDevice>>; DEVICES_PER_BUS];
+
+/// Devices come and go while the VM runs (hot-plug), so the slots are behind a lock; an
+/// access takes the device out of it and runs without it.
 pub struct PciRoot {
-    devices: [Option<Arc<dyn PciDevice>>; DEVICES_PER_BUS],
+    devices: Mutex<Slots>,
 }
 
 impl PciRoot {
     /// A root bus with the host bridge at 00.0.
     pub fn new() -> Self {
-        let mut devices: [Option<Arc<dyn PciDevice>>; DEVICES_PER_BUS] = Default::default();
+        let mut devices: Slots = Default::default();
         devices[0] = Some(Arc::new(HostBridge::new()));
-        PciRoot { devices }
+        PciRoot {
+            devices: Mutex::new(devices),
+        }
     }
 
-    /// The next free device number.
-    pub fn next_slot(&self) -> Result<u8, PciRootError> {
-        self.devices
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Plugs `device` into the lowest free slot; returns the device number.
+    pub fn add(&self, device: Arc<dyn PciDevice>) -> Result<u8, PciRootError> {
+        let mut slots = self.slots();
+        let slot = slots
             .iter()
             .position(Option::is_none)
-            .map(|s| s as u8)
-            .ok_or(PciRootError::Full)
+            .ok_or(PciRootError::Full)?;
+        slots[slot] = Some(device);
+        Ok(slot as u8)
     }
 
-    /// Plugs `device` into the next free slot; returns the device number.
-    pub fn add(&mut self, device: Arc<dyn PciDevice>) -> Result<u8, PciRootError> {
-        let slot = self.next_slot()?;
-        self.devices[usize::from(slot)] = Some(device);
-        Ok(slot)
+    /// Unplugs the device in `slot` (never the host bridge); returns it.
+    pub fn remove(&self, slot: u8) -> Option<Arc<dyn PciDevice>> {
+        if slot == 0 {
+            return None;
+        }
+        self.slots().get_mut(usize::from(slot))?.take()
     }
 
-    fn device(&self, bus: u32, device: u32, function: u32) -> Option<&Arc<dyn PciDevice>> {
+    fn device(&self, bus: u32, device: u32, function: u32) -> Option<Arc<dyn PciDevice>> {
         if bus != 0 || function != 0 {
             return None;
         }
-        self.devices.get(device as usize)?.as_ref()
+        self.slots().get(device as usize)?.clone()
     }
 
     pub fn config_read(&self, bus: u32, dev: u32, func: u32, offset: usize, data: &mut [u8]) {
@@ -195,7 +208,7 @@ mod tests {
     }
 
     fn root_with_echo() -> (Arc<PciRoot>, Arc<Echo>) {
-        let mut root = PciRoot::new();
+        let root = PciRoot::new();
         let echo = Arc::new(Echo::default());
         assert_eq!(root.add(echo.clone()), Ok(1));
         (Arc::new(root), echo)
@@ -249,7 +262,7 @@ mod tests {
 
     #[test]
     fn bus_fills_up() {
-        let mut root = PciRoot::new();
+        let root = PciRoot::new();
         for slot in 1..32 {
             assert_eq!(root.add(Arc::new(Echo::default())), Ok(slot));
         }

@@ -2,13 +2,11 @@
 //! 0xCF8/0xCFC ports; BARs assigned from the 32-bit and 64-bit windows of [`crate::layout`];
 //! MSI-X delivered by KVM irqfds.
 
-pub mod bar_allocator;
 pub mod bus;
 pub mod config_space;
 pub mod host_bridge;
 pub mod msix;
 
-pub use bar_allocator::{BarAllocError, BarAllocator};
 pub use bus::{PciConfigIo, PciConfigMmio, PciRoot, PciRootError};
 pub use config_space::{ConfigSpace, Header};
 

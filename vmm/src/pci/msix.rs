@@ -273,6 +273,7 @@ impl Drop for MsixVectors {
             if v.irqfd {
                 let _ = self.vm.unregister_irqfd(&v.event, v.gsi);
             }
+            self.vm.free_gsi(v.gsi);
         }
     }
 }

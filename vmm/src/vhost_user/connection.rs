@@ -68,6 +68,13 @@ pub enum ConnectionError {
     TooFewQueues { available: u64, wanted: u16 },
     #[error("guest memory region at {0:#x} cannot be shared (not file-backed)")]
     Memory(u64),
+    #[error("queue {index}: the backend refused a ring of {size} entries (SET_VRING_NUM); give the device a queue_size= the backend accepts")]
+    RingSizeRefused {
+        index: usize,
+        size: u16,
+        #[source]
+        source: vhost::Error,
+    },
     #[error("queue {0}: {1} is outside guest memory")]
     Ring(usize, &'static str),
 }
@@ -193,8 +200,8 @@ pub struct Connection {
 
 impl Connection {
     /// SET_OWNER and feature negotiation on a connected socket: virtio features (VERSION_1
-    /// required), protocol features (CONFIG required; MQ and REPLY_ACK used if offered) and the
-    /// queue count, which must cover `queues`.
+    /// required), protocol features (MQ, CONFIG and REPLY_ACK used if offered) and the queue
+    /// count, which must cover `queues`.
     pub fn new(stream: UnixStream, name: &str, queues: u16) -> Result<Self, ConnectionError> {
         Self::with_timeout(stream, name, queues, REQUEST_TIMEOUT)
     }
@@ -252,9 +259,8 @@ impl Connection {
             return Err(ConnectionError::NoProtocolFeatures);
         }
         let offered = self.call("GET_PROTOCOL_FEATURES", |f| f.get_protocol_features())?;
-        if !offered.contains(VhostUserProtocolFeatures::CONFIG) {
-            return Err(ConnectionError::MissingProtocolFeature("CONFIG"));
-        }
+        // CONFIG is the device kind's business: some take their config space from the
+        // backend, others (virtio-fs, rng) make it locally.
         let protocol = offered
             & (VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::CONFIG
@@ -267,6 +273,8 @@ impl Connection {
             // right there instead of closing the connection under a later one.
             self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
+        // Without MQ the backend serves its device type's queues, which is what we ask for
+        // (as QEMU and Cloud Hypervisor assume).
         let available = if protocol.contains(VhostUserProtocolFeatures::MQ) {
             let n = self.call("GET_QUEUE_NUM", |f| f.get_queue_num())?;
             if n == 0 || n > MAX_BACKEND_QUEUES {
@@ -274,7 +282,7 @@ impl Connection {
             }
             n
         } else {
-            1
+            u64::from(queues)
         };
         if available < u64::from(queues) {
             return Err(ConnectionError::TooFewQueues {
@@ -369,7 +377,15 @@ impl Connection {
             log_addr: None,
         };
         let i = v.index;
-        self.call("SET_VRING_NUM", |f| f.set_vring_num(i, v.size))?;
+        self.call("SET_VRING_NUM", |f| f.set_vring_num(i, v.size))
+            .map_err(|e| match e {
+                ConnectionError::Request(_, source) => ConnectionError::RingSizeRefused {
+                    index: i,
+                    size: v.size,
+                    source,
+                },
+                other => other,
+            })?;
         self.call("SET_VRING_ADDR", |f| f.set_vring_addr(i, &config))?;
         // Rings start from index 0 after every (re)activation: the driver has reset them.
         self.call("SET_VRING_BASE", |f| f.set_vring_base(i, 0))?;
@@ -532,14 +548,18 @@ mod tests {
             _ => base_reply(c, 1),
         };
         assert!(matches!(err(no_v1, 1), ConnectionError::NoVersion1));
+        // Neither CONFIG nor MQ is required: the device kind decides about the config space,
+        // and without MQ the backend serves the device type's queues.
         let no_config: Script = |c| match c {
-            GET_PROTOCOL_FEATURES => Reply::Send(reply_u64(c, 1)),
+            GET_PROTOCOL_FEATURES => Reply::Send(reply_u64(c, 0)),
             _ => base_reply(c, 1),
         };
-        assert!(matches!(
-            err(no_config, 1),
-            ConnectionError::MissingProtocolFeature("CONFIG")
-        ));
+        let conn = Connection::new(hostile(no_config), "test", 3).unwrap();
+        assert!(!conn
+            .negotiated()
+            .protocol
+            .contains(VhostUserProtocolFeatures::CONFIG));
+        assert_eq!(conn.negotiated().queues, 3);
     }
 
     #[test]

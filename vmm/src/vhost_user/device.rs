@@ -3,16 +3,19 @@
 //! at reset. Config reads are served from our copy, so they never wait on the backend.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use super::connection::{Connection, ConnectionError, VringSetup};
-use super::DeviceKind;
+use super::connection::{Connection, ConnectionError};
+use super::control::{Control, Failures, Ring};
+use super::kind::{ConfigSpace, DeviceKind};
 use crate::memory::GuestMemoryMmap;
 use crate::virtio::{
     ActiveQueue, DeviceError, VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
 };
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
 /// Transport-level features a vhost-user backend implements itself, passed when offered.
 /// Everything else (ACCESS_PLATFORM, packed rings, notification data...) needs the VMM's
@@ -22,41 +25,57 @@ const TRANSPORT_FEATURES: u64 =
 
 pub struct VhostUserDevice {
     name: String,
-    kind: Box<dyn DeviceKind>,
-    /// `None` once the backend is gone (or the connection is out of step with it).
-    conn: Option<Connection>,
+    kind: Arc<dyn DeviceKind>,
     memory: GuestMemoryMmap,
     features: u64,
     queue_sizes: Vec<u16>,
     config: Vec<u8>,
-    /// Queues the backend is serving.
-    started: Vec<usize>,
+    /// Owns the connection; makes the requests that start and stop the queues.
+    control: Control,
     config_write_logged: bool,
 }
 
 impl VhostUserDevice {
-    /// `queues` queues of up to `queue_size` entries, over a negotiated connection.
+    /// A device with queues of up to `queue_sizes` entries, over a negotiated connection.
+    /// The config space is read now (or made locally), so guest reads never wait on the
+    /// backend. The connection moves to the device's control thread; what fails there later is
+    /// reported through `failures`.
     pub fn new(
         name: &str,
-        kind: Box<dyn DeviceKind>,
+        kind: Arc<dyn DeviceKind>,
         mut conn: Connection,
         memory: GuestMemoryMmap,
-        queues: u16,
-        queue_size: u16,
+        queue_sizes: Vec<u16>,
+        failures: Arc<Failures>,
     ) -> Result<Self, ConnectionError> {
-        let mut config = conn.get_config(kind.config_len())?;
+        let offers_config = conn
+            .negotiated()
+            .protocol
+            .contains(VhostUserProtocolFeatures::CONFIG);
+        let mut config = match kind.config_space() {
+            ConfigSpace::Local(bytes) => bytes,
+            ConfigSpace::BackendOr(len, _) | ConfigSpace::Backend(len) if offers_config => {
+                conn.get_config(len)?
+            }
+            ConfigSpace::BackendOr(_, bytes) => bytes,
+            ConfigSpace::Backend(_) => {
+                return Err(ConnectionError::MissingProtocolFeature("CONFIG"))
+            }
+        };
+        let queues = u16::try_from(queue_sizes.len()).unwrap_or(u16::MAX);
         kind.adjust_config(&mut config, queues);
         let offered = conn.negotiated().features;
         let features = offered & (kind.device_features() | TRANSPORT_FEATURES);
+        let control =
+            Control::start(name, conn, memory.clone(), failures).map_err(ConnectionError::Setup)?;
         Ok(VhostUserDevice {
             name: name.to_string(),
             kind,
-            conn: Some(conn),
             memory,
             features,
-            queue_sizes: vec![queue_size; usize::from(queues)],
+            queue_sizes,
             config,
-            started: Vec::new(),
+            control,
             config_write_logged: false,
         })
     }
@@ -68,7 +87,7 @@ impl VhostUserDevice {
         self.memory.get_host_address(addr).ok().map(|p| p as u64)
     }
 
-    fn vring_addresses(&self, q: &ActiveQueue) -> Result<(u64, u64, u64), DeviceError> {
+    fn ring(&self, q: ActiveQueue) -> Result<Ring, DeviceError> {
         let n = usize::from(q.size);
         let err = |what| DeviceError(ConnectionError::Ring(q.index, what).to_string());
         // Split ring sizes: 16-byte descriptors; flags, idx, n entries and used_event (avail);
@@ -82,49 +101,14 @@ impl VhostUserDevice {
         let used = self
             .host_address(q.used, 6 + 8 * n)
             .ok_or_else(|| err("the used ring"))?;
-        Ok((desc, avail, used))
-    }
-
-    /// The connection is unusable from here on (dead, or out of step after a failed request).
-    fn drop_connection(&mut self) {
-        self.conn = None;
-        self.started.clear();
-    }
-
-    fn start(&mut self, features: u64, queues: &[ActiveQueue]) -> Result<(), DeviceError> {
-        let mut addrs = Vec::with_capacity(queues.len());
-        for q in queues {
-            addrs.push(self.vring_addresses(q)?);
-        }
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(DeviceError(format!(
-                "the {} backend is not connected",
-                self.kind.backend_name()
-            )));
-        };
-        let started = &mut self.started;
-        let memory = &self.memory;
-        let r = conn.operation("the device start", |conn| {
-            conn.set_features(features)?;
-            conn.set_mem_table(memory)?;
-            for (q, &(desc, avail, used)) in queues.iter().zip(&addrs) {
-                conn.start_vring(&VringSetup {
-                    index: q.index,
-                    size: q.size,
-                    desc,
-                    avail,
-                    used,
-                    kick: &q.kick,
-                    call: &q.call,
-                })?;
-                started.push(q.index);
-            }
-            Ok(())
-        });
-        r.map_err(|e| {
-            let msg = crate::error_chain(&e);
-            self.drop_connection();
-            DeviceError(msg)
+        Ok(Ring {
+            index: q.index,
+            size: q.size,
+            desc,
+            avail,
+            used,
+            kick: q.kick,
+            call: q.call,
         })
     }
 }
@@ -165,37 +149,24 @@ impl VirtioDevice for VhostUserDevice {
         }
     }
 
+    /// Checks the rings here (a ring outside RAM fails the activation at once), then leaves
+    /// the backend requests to the control thread: the vCPU goes back to the guest.
     fn activate(&mut self, features: u64, queues: Vec<ActiveQueue>) -> Result<(), DeviceError> {
+        let rings = queues
+            .into_iter()
+            .map(|q| self.ring(q))
+            .collect::<Result<Vec<_>, _>>()?;
         // The transport made sure the driver's features are a subset of ours.
-        self.start(features & self.features, &queues)
+        self.control.start_rings(features & self.features, rings);
+        Ok(())
     }
 
     fn reset(&mut self) {
-        let started = std::mem::take(&mut self.started);
-        let Some(conn) = self.conn.as_mut() else {
-            return;
-        };
-        let mut stopping = 0;
-        let r = conn.operation("the device reset", |conn| {
-            for &q in &started {
-                stopping = q;
-                conn.stop_vring(q)?;
-            }
-            Ok(())
-        });
-        if let Err(e) = r {
-            let _ = writeln!(
-                std::io::stderr(),
-                "cloister: {}: cannot stop queue {stopping}: {}",
-                self.name,
-                crate::error_chain(&e)
-            );
-            self.drop_connection();
-        }
+        self.control.stop_rings();
     }
 
     fn backend_lost(&mut self) {
-        self.drop_connection();
+        self.control.lost();
     }
 }
 
@@ -204,7 +175,6 @@ mod tests {
     use super::*;
     use crate::layout::RamLayout;
     use crate::memory::GuestRam;
-    use crate::vhost_user::blk::Blk;
     use crate::vhost_user::connection;
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command, Stdio};
@@ -273,8 +243,19 @@ mod tests {
         let stream = connection::connect(&socket, Duration::from_secs(10), &mut || Ok(())).unwrap();
         let conn = Connection::new(stream, "test", 1).unwrap();
         assert_eq!(conn.negotiated().queues, 2);
-        let mut dev =
-            VhostUserDevice::new("disk0", Box::new(Blk), conn, ram.memory.clone(), 1, 64).unwrap();
+        let kind = crate::kinds::blk::parse("socket=/x", cloister_seccomp::SeccompMode::True)
+            .unwrap()
+            .kind;
+        let failures = Failures::new().unwrap();
+        let mut dev = VhostUserDevice::new(
+            "disk0",
+            kind,
+            conn,
+            ram.memory.clone(),
+            vec![64],
+            failures.clone(),
+        )
+        .unwrap();
         assert_ne!(dev.features() & (1 << VIRTIO_F_VERSION_1), 0);
         assert_eq!(
             dev.features() & (1 << 30),
@@ -293,13 +274,15 @@ mod tests {
             "num_queues is what we expose"
         );
 
-        // Start, stop, and start again (a guest reset).
+        // Start, stop, and start again (a guest reset). The start is the control thread's;
+        // the stop waits for it.
         dev.activate(1 << VIRTIO_F_VERSION_1, vec![queue(0, 0x10_0000)])
             .unwrap();
         dev.reset();
         dev.activate(1 << VIRTIO_F_VERSION_1, vec![queue(0, 0x20_0000)])
             .unwrap();
         dev.reset();
+        assert_eq!(failures.take(), Vec::<String>::new());
 
         // Rings outside RAM are refused before the backend hears of them.
         let e = dev
@@ -307,14 +290,19 @@ mod tests {
             .unwrap_err();
         assert!(e.0.contains("outside guest memory"), "{e}");
 
-        // The backend dies: activation fails cleanly, and so does everything after.
+        // The backend dies: the start fails on the control thread, which says so.
         let _ = backend.child.kill();
         let _ = backend.child.wait();
-        let e = dev
-            .activate(1 << VIRTIO_F_VERSION_1, vec![queue(0, 0x10_0000)])
-            .unwrap_err();
-        assert!(!e.0.is_empty());
+        dev.activate(1 << VIRTIO_F_VERSION_1, vec![queue(0, 0x10_0000)])
+            .unwrap();
         dev.reset();
-        assert!(dev.activate(1 << VIRTIO_F_VERSION_1, Vec::new()).is_err());
+        let said = failures.take();
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(said[0].starts_with("cannot start the device"), "{said:?}");
+        // And every later start says the backend is not connected.
+        dev.activate(1 << VIRTIO_F_VERSION_1, Vec::new()).unwrap();
+        dev.reset();
+        let said = failures.take();
+        assert!(said[0].contains("not connected"), "{said:?}");
     }
 }

@@ -81,6 +81,9 @@ pub struct VirtioMmioDevice {
     notify: Vec<EventFd>,
     /// An irqfd on the device's GSI: every queue's call fd, and our config interrupt.
     irq: EventFd,
+    base: u64,
+    gsi: u32,
+    vm: Arc<dyn VmOps>,
     state: Mutex<State>,
 }
 
@@ -108,6 +111,9 @@ impl VirtioMmioDevice {
             driver_log: DriverLog::new(name),
             notify,
             irq,
+            base,
+            gsi,
+            vm,
             state: Mutex::new(State {
                 core: VirtioCore::new(device),
                 config_pending: false,
@@ -271,6 +277,21 @@ impl BusDevice for VirtioMmioDevice {
 }
 
 impl VirtioTransport for VirtioMmioDevice {
+    fn unplug(&self) {
+        let mut st = self.state();
+        let events = MmioQueueEvents {
+            notify: &self.notify,
+            irq: &self.irq,
+        };
+        st.core.write_status(0, &events);
+        for (q, fd) in self.notify.iter().enumerate() {
+            let _ = self
+                .vm
+                .unregister_ioevent(fd, self.base + REG_QUEUE_NOTIFY, Some(q as u32));
+        }
+        let _ = self.vm.unregister_irqfd(&self.irq, self.gsi);
+    }
+
     fn backend_lost(&self) {
         let mut st = self.state();
         st.core.device_mut().backend_lost();

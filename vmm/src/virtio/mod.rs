@@ -30,6 +30,10 @@ pub const INTERRUPT_CONFIG: u32 = 2;
 
 /// What the VMM's main thread can do to a device after start-up, whatever its transport.
 pub trait VirtioTransport: Send + Sync {
+    /// The device is leaving the VM: stop its queues and take it off the buses and out of
+    /// KVM (its notification ioeventfds). Its interrupts go when it is dropped.
+    fn unplug(&self);
+
     /// The backend is gone: set DEVICE_NEEDS_RESET, tell the device, and raise a configuration
     /// change interrupt so the driver looks.
     fn backend_lost(&self);

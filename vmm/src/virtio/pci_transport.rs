@@ -118,6 +118,8 @@ struct State {
     isr: u8,
     /// Where BAR 0 is on the MMIO bus and the ioeventfds are registered, if anywhere.
     mapped: Option<u64>,
+    /// Taken off the bus for good: BAR 0 stays unmapped whatever config space says.
+    unplugged: bool,
 }
 
 pub struct VirtioPciDevice {
@@ -198,6 +200,7 @@ impl VirtioPciDevice {
                 core: VirtioCore::new(device),
                 isr: 0,
                 mapped: None,
+                unplugged: false,
             }),
         }))
     }
@@ -214,7 +217,11 @@ impl VirtioPciDevice {
     /// Puts BAR 0 and the notification ioeventfds where the config space says, if that
     /// changed.
     fn sync_bar(&self, st: &mut State) {
-        let want = st.config.bar_mapping(0).map(|(addr, _)| addr);
+        let want = st
+            .config
+            .bar_mapping(0)
+            .map(|(addr, _)| addr)
+            .filter(|_| !st.unplugged);
         if want == st.mapped {
             return;
         }
@@ -515,6 +522,19 @@ impl PciDevice for VirtioPciDevice {
 }
 
 impl VirtioTransport for VirtioPciDevice {
+    fn unplug(&self) {
+        let mut st = self.state();
+        st.unplugged = true;
+        self.sync_bar(&mut st);
+        let State { core, msix, .. } = &mut *st;
+        let events = PciQueueEvents {
+            notify: &self.notify,
+            msix,
+        };
+        // As the driver's reset would: the backend stops using guest memory.
+        core.write_status(0, &events);
+    }
+
     fn backend_lost(&self) {
         let mut st = self.state();
         st.core.device_mut().backend_lost();

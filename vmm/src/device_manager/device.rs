@@ -1,0 +1,119 @@
+//! One device of the VM as the device manager keeps it: its id and spec, its backend (process
+//! and socket, for the main loop to watch), and where it is plugged in.
+
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::placement::Bar;
+use crate::kinds::{Arg, Backend, DeviceSpec};
+use crate::layout::VirtioMmioSlot;
+use crate::supervisor::{self, ManagedProcess};
+use crate::vhost_user::control::Failures;
+use crate::virtio::VirtioTransport;
+
+/// Where a device is plugged in.
+pub enum Place {
+    Pci { slot: u8, bar: Bar },
+    Mmio(VirtioMmioSlot),
+}
+
+pub struct Plugged {
+    pub transport: Arc<dyn VirtioTransport>,
+    pub place: Place,
+    /// Its control thread's reports, watched by the main loop.
+    pub failures: Arc<Failures>,
+}
+
+pub struct Device {
+    /// Never reused while the VM runs, unlike ids: what the main loop's watches name.
+    pub serial: u64,
+    pub id: String,
+    pub spec: DeviceSpec,
+    /// Where its backend listens (for `socket=`, the user's path).
+    pub socket_path: PathBuf,
+    pub process: Option<ManagedProcess>,
+    /// Our own descriptor of the connection's socket, watched for a hang-up.
+    pub socket: Option<OwnedFd>,
+    pub process_watched: bool,
+    pub plugged: Option<Plugged>,
+    pub failed: bool,
+}
+
+impl Device {
+    /// "_disk0 (vhost-user-blk, pid 123)" or "share (virtio-fs backend, socket /run/x.sock)".
+    pub fn label(&self) -> String {
+        let backend = self.spec.kind.backend_name();
+        match &self.process {
+            Some(p) => format!("{} ({backend}, pid {})", self.id, p.pid()),
+            None => format!(
+                "{} ({backend}, socket {})",
+                self.id,
+                self.socket_path.display()
+            ),
+        }
+    }
+
+    /// The backend is gone or the device broke: say so once and tell the device (it is marked
+    /// as needing a reset). Reconnection would start here.
+    pub fn fail(&mut self, why: &str) {
+        if self.failed {
+            return;
+        }
+        self.failed = true;
+        eprintln!("cloister: {}: {why}", self.label());
+        if let Some(p) = &self.plugged {
+            p.transport.backend_lost();
+        }
+    }
+
+    /// The managed backend's arguments, with its socket path filled in.
+    pub fn backend_args(&self) -> Vec<OsString> {
+        let Backend::Managed(profile) = &self.spec.backend else {
+            return Vec::new();
+        };
+        profile
+            .args
+            .iter()
+            .map(|a| match a {
+                Arg::Plain(s) => OsString::from(s),
+                Arg::Socket { before, after } => {
+                    let mut s = OsString::from(before);
+                    s.push(&self.socket_path);
+                    s.push(after);
+                    s
+                }
+            })
+            .collect()
+    }
+
+    /// Stops a managed backend (SIGTERM, then SIGKILL) and reaps it, saying how it ended if
+    /// that is news.
+    pub fn stop_backend(&mut self) {
+        let label = self.label();
+        let failed = self.failed;
+        let Some(p) = self.process.as_mut() else {
+            return;
+        };
+        let (status, killed) = p.stop(supervisor::process::STOP_GRACE);
+        if killed {
+            eprintln!("cloister: {label}: backend ignored SIGTERM and was killed");
+        } else if let Some(s) = status.filter(|s| !s.success() && !failed) {
+            if std::os::unix::process::ExitStatusExt::signal(&s) != Some(libc::SIGTERM) {
+                eprintln!(
+                    "cloister: {label}: backend exited with {}",
+                    supervisor::describe(s)
+                );
+            }
+        }
+    }
+
+    /// Ends the backend connection without closing descriptors the device still owns.
+    pub fn disconnect(&self) {
+        if let Some(socket) = &self.socket {
+            // SAFETY: shutdown(2) on a socket descriptor we own; no memory involved.
+            unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+}

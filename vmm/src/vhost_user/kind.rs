@@ -1,0 +1,34 @@
+//! What differs between vhost-user device types, as the frontend sees it: the virtio device
+//! type, which device feature bits pass through, and where the config space comes from.
+
+/// Where a device's config space comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigSpace {
+    /// `GET_CONFIG` of this many bytes (the backend must offer the CONFIG protocol feature).
+    Backend(u32),
+    /// Known locally (a virtio-fs tag, an rng's empty space), whatever the backend offers.
+    Local(Vec<u8>),
+    /// From the backend when it offers CONFIG, else these bytes.
+    BackendOr(u32, Vec<u8>),
+}
+
+pub trait DeviceKind: Send + Sync {
+    /// What the device is called in default ids and messages: "disk", "fs", "rng", ...
+    fn kind_name(&self) -> &'static str;
+    /// The backend program, for messages.
+    fn backend_name(&self) -> &str;
+    fn device_type(&self) -> u32;
+    /// Device-specific feature bits (0-23) we pass through when the backend offers them.
+    fn device_features(&self) -> u64;
+    fn config_space(&self) -> ConfigSpace;
+    /// Fixes up the config space for what the guest is given (`queues` it sees).
+    fn adjust_config(&self, _config: &mut [u8], _queues: u16) {}
+    /// What two devices of this kind may not share, as `key=value` (a virtio-fs tag).
+    fn unique_key(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Every device-specific feature bit (0-23), for kinds whose features we pass through as
+/// the backend offers them.
+pub const ALL_DEVICE_FEATURES: u64 = (1 << 24) - 1;
