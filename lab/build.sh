@@ -189,12 +189,24 @@ lab_tools=(
 )
 lab_modules=(irqbypass kvm kvm_amd kvm_intel tun bridge veth vhost_net vhost_vsock
     virtio_pci virtio_blk virtio_net virtio_console ext4 fuse virtiofs)
+# Third-party vhost-user backends cloister starts or tests against, from crates.io
+# (scripts/install-deps.sh installs them with cargo); in the lab they go to /usr/bin.
+cargo_backends=(virtiofsd vhost-device-rng vhost-device-vsock)
+
+# The installed path of a cargo-installed backend.
+cargo_backend() {
+    command -v "$1" 2>/dev/null || echo "${CARGO_HOME:-$HOME/.cargo}/bin/$1"
+}
 
 build_lab() {
     local key dir tmp root stage1 f
     build_c_virtiofsd
+    for f in "${cargo_backends[@]}"; do
+        [ -x "$(cargo_backend "$f")" ] || { log "$f is missing: run scripts/install-deps.sh"; exit 1; }
+    done
     key=$( {
         echo "$C_VIRTIOFSD"
+        for f in "${cargo_backends[@]}"; do sha256sum "$(cargo_backend "$f")"; done
         cat "$here/build.sh" "$here"/l1/*
         echo "$KERNEL_DIR"
         for f in qemu-system-x86 qemu-system-common qemu-system-data seabios fio iperf3 iproute2 \
@@ -214,6 +226,10 @@ build_lab() {
         ln -sfn /run "$root/var/run"
         install -D -m 0755 "$C_VIRTIOFSD" "$root/usr/lib/qemu/virtiofsd"
         copy_libs_of "$root" "$C_VIRTIOFSD"
+        for f in "${cargo_backends[@]}"; do
+            install -D -m 0755 "$(cargo_backend "$f")" "$root/usr/bin/$f"
+            copy_libs_of "$root" "$(cargo_backend "$f")"
+        done
         # QEMU's firmware for the machine types the tests use (q35/pc via SeaBIOS, microvm).
         # Debian's QEMU looks for firmware in /usr/share/qemu, then /usr/share/seabios.
         mkdir -p "$root/usr/share/qemu" "$root/usr/share/seabios"
@@ -247,7 +263,7 @@ build_lab() {
 # ---------------------------------------------------------------------------------------------
 # L2: the test guest.
 guest_modules=(virtio_pci virtio_mmio virtio_blk virtio_net virtio_console virtiofs fuse
-    pvpanic_mmio ext4)
+    pvpanic_mmio ext4 virtio-rng vmw_vsock_virtio_transport)
 
 build_guest() {
     local key dir tmp root

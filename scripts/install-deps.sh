@@ -11,14 +11,32 @@ packages=(
     busybox-static e2fsprogs cpio lz4 binutils kmod debootstrap
     # Tools copied into the lab and the guest.
     iproute2 fio iperf3
+    # What the Rust virtiofsd builds against (cargo install, below).
+    libcap-ng-dev libseccomp-dev pkg-config
 )
+
+# Third-party vhost-user backends from crates.io, at the versions the tests were written
+# against: the Rust virtiofsd (managed --fs) and rust-vmm's rng and vsock backends.
+cargo_tools=(virtiofsd@1.14.0 vhost-device-rng@0.1.0 vhost-device-vsock@0.3.0)
+
+install_cargo_tools() {
+    local tool name
+    for tool in "${cargo_tools[@]}"; do
+        name=${tool%@*}
+        if ! command -v "$name" >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/$name" ]; then
+            echo "install-deps: cargo install $tool"
+            cargo install --locked --quiet "$tool"
+        fi
+    done
+}
 
 need_install=0
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need_install=1
 done
-if [ "$need_install" = 0 ]; then
-    command -v cargo >/dev/null && exit 0
+if [ "$need_install" = 0 ] && command -v cargo >/dev/null; then
+    install_cargo_tools
+    exit 0
 fi
 
 if [ "$(id -u)" != 0 ]; then
@@ -49,3 +67,4 @@ if ! command -v cargo >/dev/null; then
     apt-get install -y -q --no-install-recommends cargo rustc rustfmt rust-clippy || true
 fi
 command -v cargo >/dev/null || { echo "install-deps: no cargo; install Rust >= 1.80 (rustup)" >&2; exit 1; }
+install_cargo_tools

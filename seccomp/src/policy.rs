@@ -34,6 +34,10 @@ pub enum ThreadRole {
     /// One device's control thread in `cloister`: the vhost-user requests that start and stop
     /// its queues.
     VmmDeviceControl,
+    /// `cloister`'s hot-plug thread: adds devices to the running VM (connects to a backend,
+    /// negotiates, starts the device's threads; the spawner process starts managed backends)
+    /// and removes them.
+    VmmHotplug,
     /// `cloister`'s console writer: moves the guest's serial output to stdout or its file.
     VmmConsole,
     /// `vhost-user-blk`'s main thread (the serve loop), and the vhost-user control thread it
@@ -47,11 +51,12 @@ pub enum ThreadRole {
 
 impl ThreadRole {
     /// Every role, for listings and tests.
-    pub const ALL: [ThreadRole; 8] = [
+    pub const ALL: [ThreadRole; 9] = [
         ThreadRole::VmmMain,
         ThreadRole::VmmVcpu,
         ThreadRole::VmmWatchdog,
         ThreadRole::VmmDeviceControl,
+        ThreadRole::VmmHotplug,
         ThreadRole::VmmConsole,
         ThreadRole::BlkMain,
         ThreadRole::BlkWorker,
@@ -65,6 +70,7 @@ impl ThreadRole {
             ThreadRole::VmmVcpu => "vmm-vcpu",
             ThreadRole::VmmWatchdog => "vmm-watchdog",
             ThreadRole::VmmDeviceControl => "vmm-device-control",
+            ThreadRole::VmmHotplug => "vmm-hotplug",
             ThreadRole::VmmConsole => "vmm-console",
             ThreadRole::BlkMain => "blk-main",
             ThreadRole::BlkWorker => "blk-worker",
@@ -85,6 +91,14 @@ impl ThreadRole {
             ThreadRole::VmmVcpu => vec![base(), vmm_vcpu()],
             ThreadRole::VmmWatchdog => vec![base(), vmm_watchdog()],
             ThreadRole::VmmDeviceControl => vec![base(), vmm_device_control()],
+            // Inherited by the device threads it starts, until they narrow it.
+            ThreadRole::VmmHotplug => vec![
+                base(),
+                spawns_threads(),
+                vmm_hotplug(),
+                vmm_watchdog(),
+                vmm_device_control(),
+            ],
             ThreadRole::VmmConsole => vec![base(), vmm_console()],
             ThreadRole::BlkMain => vec![
                 base(),
@@ -315,7 +329,7 @@ fn vmm_main() -> Vec<Rule> {
     vec![
         allow(SYS_poll, "the main loop waits on the exit eventfd, the signalfd, stdin, backend sockets and pidfds"),
         allow(SYS_ppoll, "poll on libcs that implement it with ppoll"),
-        allow(SYS_read, "the signalfd, stdin for the guest console, eventfds"),
+        allow(SYS_read, "the signalfd, stdin for the guest console, eventfds, the spawner's replies"),
         allow(SYS_close, "descriptors dropped at exit, a backend connection that hung up"),
         allow(SYS_eventfd2, "the console's 'FIFO drained' eventfd"),
         allow_values(SYS_fcntl, 1, &[F_GETFD as u64, F_SETFD as u64, F_GETFL as u64, F_SETFL as u64, F_DUPFD_CLOEXEC as u64], "descriptor flags and duplicates (eventfds, sockets)"),
@@ -323,9 +337,7 @@ fn vmm_main() -> Vec<Rule> {
         allow_values(SYS_ioctl, 1, &[kvm::ioeventfd(), kvm::irqfd(), kvm::set_gsi_routing()], "devices are unwired from KVM as they are dropped"),
         allow_values(SYS_tgkill, 2, &[kick], "kicks the vCPU threads out of KVM_RUN with the kick signal, and nothing else"),
         allow(SYS_getpid, "glibc's pthread_kill asks for the pid it passes to tgkill"),
-        allow_values(SYS_kill, 1, &[SIGTERM as u64, SIGKILL as u64], "stops the managed backends' process groups (SIGTERM, then SIGKILL)"),
-        allow(SYS_wait4, "reaps the managed backends"),
-        allow(SYS_waitid, "reaps the managed backends"),
+        allow(SYS_wait4, "reaps the spawner process when the VM ends (the spawner reaps the backends)"),
         allow(SYS_shutdown, "ends the backend connections when the VM stops, and one that went bad"),
         allow_if(SYS_openat, vec![has_bits(2, O_DIRECTORY as u64)], "opens the runtime directory to remove it at exit: directories only (O_DIRECTORY), and Landlock limits them to that one"),
         allow(SYS_getdents64, "lists the runtime directory to remove it"),
@@ -362,6 +374,30 @@ fn vmm_watchdog() -> Vec<Rule> {
             SYS_close,
             "drops its socket duplicate when the connection goes",
         ),
+    ]
+}
+
+/// The hot-plug thread: connecting to and negotiating with a new device's backend, wiring it
+/// into KVM, asking the spawner for managed backends, and undoing all of it on removal.
+fn vmm_hotplug() -> Vec<Rule> {
+    use libc::*;
+    vec![
+        allow_values(SYS_socket, 0, &[AF_UNIX as u64], "a unix socket to a new device's backend; no other family"),
+        allow(SYS_connect, "connects to a new device's backend (Landlock limits where, from ABI 9)"),
+        allow(SYS_sendmsg, "vhost-user negotiation with a new device's backend"),
+        allow(SYS_recvmsg, "vhost-user replies"),
+        allow(SYS_shutdown, "ends a removed device's connection"),
+        allow(SYS_read, "the spawner's replies"),
+        allow(SYS_close, "descriptors of removed devices and failed connections"),
+        allow(SYS_eventfd2, "a new device's notification, interrupt and failure eventfds"),
+        allow_values(SYS_fcntl, 1, &[F_GETFD as u64, F_SETFD as u64, F_GETFL as u64, F_SETFL as u64, F_DUPFD_CLOEXEC as u64], "descriptor flags and duplicates"),
+        allow_values(SYS_ioctl, 1, &[FIONBIO], "a connected socket is made blocking again (std's set_nonblocking)"),
+        allow(SYS_poll, "waits for a removed managed backend to exit"),
+        allow(SYS_ppoll, "poll on libcs that implement it with ppoll"),
+        allow(SYS_pidfd_open, "watches a new managed backend's exit"),
+        allow_values(SYS_ioctl, 1, &[kvm::ioeventfd(), kvm::irqfd(), kvm::set_gsi_routing()], "a removed device's notifications and interrupts are unwired from KVM"),
+        allow(SYS_unlink, "removes a removed managed backend's socket file (Landlock: the runtime directory only)"),
+        allow(SYS_unlinkat, "unlink on libcs that implement it with unlinkat"),
     ]
 }
 

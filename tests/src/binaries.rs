@@ -11,6 +11,7 @@ pub const PROJECT_BINARIES: &[&str] = &[
     "vhost-user-net",
     "boot-timer",
     "make-payload",
+    "vsock-probe",
 ];
 
 /// `target/<profile>/`, found from the running executable: a test (`target/<profile>/deps/NAME`)

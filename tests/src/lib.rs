@@ -30,6 +30,13 @@ pub use outcome::{LabRun, ScenarioOutcome};
 pub use scenario::Scenario;
 pub use shared::SharedRun;
 
+/// QEMU's microvm on the lab's KVM with the test guest's kernel, for scenario scripts; the
+/// caller adds devices, the initramfs and the command line. Legacy virtio-mmio is off:
+/// vhost-user devices need 1.0.
+pub const QEMU_MICROVM: &str = "-accel kvm -cpu host -M microvm,pit=off,pic=off,rtc=on \\
+    -m 512M -smp 1 -nodefaults -no-reboot -nographic -serial stdio \\
+    -global virtio-mmio.force-legacy=false -kernel \"$GUEST_DIR/bzImage\"";
+
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
     #[error("cannot start {0}")]

@@ -16,51 +16,6 @@ const OFFSETS: [u32; 3] = [0, 5, 37];
 const PRELUDE: &str = r#"
 # image NAME: a sparse 64 MiB raw image in the results directory.
 image() { truncate -s 64M "$RESULTS_DIR/$1"; echo "$RESULTS_DIR/$1"; }
-# image_marks DEV FILE: the sha256 of each 2 MiB the guest wrote, as the host sees the image.
-image_marks() {
-    for off in 0 5 37; do
-        mark "img.$1.$off" "$(dd if="$2" bs=1M skip=$off count=2 2>/dev/null | sha256sum | cut -d' ' -f1)"
-    done
-}
-# wait_for FILE TEXT TENTHS: until TEXT appears in FILE, for at most TENTHS/10 seconds.
-wait_for() {
-    i=0
-    while [ "$i" -lt "$3" ]; do
-        grep -q "$2" "$1" 2>/dev/null && return 0
-        sleep 0.1
-        i=$((i + 1))
-    done
-    return 1
-}
-# cloister_bg LOG TEST ARGS...: cloister in the background, console in $RESULTS_DIR/console.log
-# and its own messages in LOG; sets $vm.
-cloister_bg() {
-    log=$1
-    t=$2
-    shift 2
-    "$BIN_DIR/cloister" --kernel "$GUEST_DIR/vmlinux" --initramfs "$GUEST_DIR/initramfs.cpio" \
-        --cmdline "$(guest_cmdline "$t")" --serial "file=$RESULTS_DIR/console.log" "$@" \
-        >"$log" 2>&1 &
-    vm=$!
-}
-# running PID: the process exists and has not exited (an unreaped child is a zombie, which
-# kill -0 still finds).
-running() { [ -e "/proc/$1/stat" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
-# stop_vm: SIGTERM, then up to 30 s for cloister to exit; marks vm.rc (or vm.rc=hung).
-stop_vm() {
-    kill -TERM "$vm" 2>/dev/null
-    i=0
-    while running "$vm" && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-    if running "$vm"; then
-        mark vm.rc hung
-        kill -KILL "$vm"
-    else
-        wait "$vm"
-        mark vm.rc "$?"
-    fi
-}
-# cpu PID: "utime stime guest_time" in clock ticks.
-cpu() { awk '{print $14, $15, $43}' "/proc/$1/stat"; }
 "#;
 
 /// Boots the test guest running `blk` with cloister's extra `args`, in the foreground;
@@ -91,13 +46,13 @@ fn scenarios() -> Vec<Scenario> {
             "pci-managed",
             r#"a=$(image a.img)"#,
             r#"--disk "path=$a""#,
-            r#"image_marks vda "$a"; rm -f "$a""#,
+            r#"mark_image_sums vda "$a"; rm -f "$a""#,
         ),
         boot(
             "mmio-managed",
             r#"a=$(image a.img)"#,
             r#"--disk "path=$a,transport=mmio""#,
-            r#"image_marks vda "$a"; rm -f "$a""#,
+            r#"mark_image_sums vda "$a"; rm -f "$a""#,
         ),
         boot(
             "operator-socket",
@@ -105,7 +60,7 @@ fn scenarios() -> Vec<Scenario> {
             "$BIN_DIR/vhost-user-blk" --socket "$RESULTS_DIR/op.sock" --image "$a" --queues 2 &
             backend=$!"#,
             r#"--disk "socket=$RESULTS_DIR/op.sock""#,
-            r#"image_marks vda "$a"
+            r#"mark_image_sums vda "$a"
             # The backend outlives the VM and serves it again: it is the operator's.
             kill -0 "$backend" && mark backend.alive yes
             kill -TERM "$backend"; wait "$backend"; mark backend.rc $?
@@ -124,14 +79,14 @@ fn scenarios() -> Vec<Scenario> {
             "four-queues",
             r#"a=$(image a.img)"#,
             r#"--cpus boot=4 --disk "path=$a,num_queues=4""#,
-            r#"image_marks vda "$a"; rm -f "$a""#,
+            r#"mark_image_sums vda "$a"; rm -f "$a""#,
         ),
         boot(
             "two-disks",
             r#"a=$(image a.img); b=$(image b.img)"#,
             // Two vCPUs: Linux uses no more queues than CPUs.
             r#"--cpus boot=2 --disk "path=$a,serial=first" --disk "path=$b,serial=second,num_queues=2,queue_size=128""#,
-            r#"image_marks vda "$a"; image_marks vdb "$b"; rm -f "$a" "$b""#,
+            r#"mark_image_sums vda "$a"; mark_image_sums vdb "$b"; rm -f "$a" "$b""#,
         ),
         boot_test(
             "rebind-pci",

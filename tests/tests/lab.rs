@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use harness::{LabOptions, Mode, Scenario, SharedRun};
+use harness::{LabOptions, Mode, Scenario, SharedRun, QEMU_MICROVM};
 
 static LAB: SharedRun = SharedRun::new("lab", scenarios, options);
 
@@ -118,12 +118,6 @@ fn scenarios() -> Vec<Scenario> {
         .timeout(Duration::from_secs(180)),
     ]
 }
-
-/// QEMU's microvm on the lab's KVM with the test guest's kernel; the caller adds devices, the
-/// initramfs and the command line. Legacy virtio-mmio is off: vhost-user devices need 1.0.
-const QEMU_MICROVM: &str = "-accel kvm -cpu host -M microvm,pit=off,pic=off,rtc=on \\
-    -m 512M -smp 1 -nodefaults -no-reboot -nographic -serial stdio \\
-    -global virtio-mmio.force-legacy=false -kernel \"$GUEST_DIR/bzImage\"";
 
 #[test]
 fn lab_kvm_is_real_kvm_with_nested_paging() {

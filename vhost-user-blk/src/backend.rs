@@ -225,6 +225,9 @@ impl Connection {
     }
 }
 
+/// The virtio specification's largest split ring.
+const VIRTQUEUE_MAX_SIZE: usize = 32768;
+
 impl VhostUserBackend for Connection {
     type Bitmap = ();
     type Vring = Vring;
@@ -233,8 +236,10 @@ impl VhostUserBackend for Connection {
         self.shared.geometry.queues.into()
     }
 
+    /// Every ring a frontend may legally set up: nothing here is sized by the ring (the
+    /// io_uring depth is `--queue-size`; requests beyond it wait in the ring).
     fn max_queue_size(&self) -> usize {
-        self.shared.geometry.queue_size.into()
+        VIRTQUEUE_MAX_SIZE
     }
 
     fn features(&self) -> u64 {

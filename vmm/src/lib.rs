@@ -15,6 +15,7 @@ pub mod pci;
 pub mod signals;
 pub mod supervisor;
 pub mod terminal;
+pub mod test_hooks;
 pub mod vhost_user;
 pub mod virtio;
 pub mod vm;

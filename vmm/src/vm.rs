@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, Initramfs, Kernel};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::cpu::{cpuid, msrs, Vcpu, VcpuContext, VcpuError};
+use crate::device_manager::hotplug::{self, Hotplug};
 use crate::device_manager::placement::{Placement, PlacementError};
 use crate::device_manager::{Buses, DeviceManager, DeviceManagerError};
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_PORT, ACPI_PM_PORT_LEN};
@@ -37,6 +38,7 @@ use crate::layout::{
 use crate::memory::{GuestRam, MemoryError};
 use crate::pci::bus::{CONFIG_IO_LEN, CONFIG_IO_PORT};
 use crate::pci::{PciConfigIo, PciConfigMmio, PciRoot};
+use crate::supervisor::Spawner;
 use crate::terminal::RawTerminal;
 use crate::vm_ops::{KvmVmOps, VmOps};
 
@@ -91,9 +93,12 @@ pub struct Vm {
     console_writer: ConsoleWriter,
     /// stdin feeds the UART (`--serial tty`).
     console_input: bool,
-    /// Every virtio device and its backend, watched while the guest runs and stopped when it
-    /// ends.
-    devices: DeviceManager,
+    /// Every virtio device and its backend, watched by the main loop while the guest runs,
+    /// changed by the hot-plug thread, stopped when the VM ends.
+    devices: Arc<Mutex<DeviceManager>>,
+    /// Adds and removes devices while the VM runs.
+    hotplug: Hotplug,
+    seccomp: cloister_seccomp::SeccompMode,
 }
 
 impl Vm {
@@ -145,7 +150,10 @@ impl Vm {
         // the devices attach): the SIGSYS reporter and the mode every thread will be confined
         // with.
         cloister_seccomp::init("cloister", cfg.seccomp).map_err(VmError::from)?;
-        let mut devices = DeviceManager::new(&cfg.devices).map_err(VmError::from)?;
+        // Forked while this process is one thread and holds no guest memory or KVM.
+        let spawner = Spawner::start(crate::kinds::BACKEND_PROGRAMS)
+            .map_err(|e| VmError::Io("start the spawner process", e))?;
+        let mut devices = DeviceManager::new(&cfg.devices, spawner).map_err(VmError::from)?;
         let vm_fd = Arc::new(
             kvm.create_vm()
                 .map_err(|e| VmError::Kvm("create the VM", e))?,
@@ -251,6 +259,12 @@ impl Vm {
         };
         acpi::create_tables(&ram.memory, &platform).map_err(VmError::from)?;
 
+        // Devices come and go from here on through the hot-plug thread.
+        let rules = devices.landlock_rules();
+        let devices = Arc::new(Mutex::new(devices));
+        let hotplug = hotplug::start(devices.clone(), rules)
+            .map_err(|e| VmError::Io("start the hot-plug thread", e))?;
+
         let msrs = msrs::boot_msrs().map_err(|e| VmError::Fam("MSR", e))?;
         let mut vcpus = Vec::with_capacity(vcpu_count);
         for index in 0..vcpu_count {
@@ -275,12 +289,23 @@ impl Vm {
             console_writer,
             console_input: cfg.serial == SerialConfig::Tty,
             devices,
+            hotplug,
+            seccomp: cfg.seccomp,
         })
     }
 
     /// Guest RAM (for tests and, later, vhost-user backends).
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// Adds and removes devices while the VM runs (the control plane's way in).
+    pub fn hotplug(&self) -> Hotplug {
+        self.hotplug.clone()
+    }
+
+    fn devices(&self) -> MutexGuard<'_, DeviceManager> {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs the guest until it powers off, reboots, panics or fails, or we get SIGINT,
@@ -345,6 +370,7 @@ impl Vm {
             }
         }
 
+        crate::test_hooks::start(self.hotplug.clone(), self.devices.clone(), self.seccomp);
         // The VM is built, the backends connected and the vCPUs started (they confine
         // themselves): now this thread, before it reads stdin or a backend's socket.
         let result = match spawn_error {
@@ -355,7 +381,7 @@ impl Vm {
         };
 
         stop.store(true, Ordering::Release);
-        self.devices.disconnect();
+        self.devices().disconnect();
         for t in &threads {
             // A thread that already finished is still joinable, so the handle is valid.
             let _ = t.kill(crate::cpu::vcpu::kick_signal());
@@ -364,7 +390,7 @@ impl Vm {
             let _ = t.join();
         }
         self.finish_console();
-        self.devices.shutdown();
+        self.devices().shutdown();
         result
     }
 
@@ -387,7 +413,8 @@ impl Vm {
     /// Confines the main thread: the vmm-main seccomp policy, Landlock access to the backends'
     /// sockets and the runtime directory only, no capabilities.
     fn enter_sandbox(&self) -> Result<(), VmError> {
-        let entered = cloister_seccomp::enter(ThreadRole::VmmMain, &self.devices.landlock_rules())?;
+        let rules = self.devices().landlock_rules();
+        let entered = cloister_seccomp::enter(ThreadRole::VmmMain, &rules)?;
         if let Some(warning) = entered.landlock.warning() {
             eprintln!("cloister: warning: {warning}");
         }
@@ -427,7 +454,7 @@ impl Vm {
                     -1
                 }),
             ];
-            let watches = self.devices.watches();
+            let watches = self.devices().watches();
             fds.extend(watches.iter().map(|&(fd, events, _)| libc::pollfd {
                 fd,
                 events,
@@ -472,7 +499,7 @@ impl Vm {
             }
             for (pfd, &(_, _, watch)) in fds[4..].iter().zip(&watches) {
                 if pfd.revents != 0 {
-                    self.devices.on_event(watch);
+                    self.devices().on_event(watch);
                 }
             }
         }

@@ -37,6 +37,8 @@ pub trait VmOps: Send + Sync {
     fn allocate_gsi(&self) -> Result<u32, VmOpsError>;
     /// Gives `gsi` back, with its route (a device was removed).
     fn free_gsi(&self, gsi: u32);
+    /// How many GSIs are allocated.
+    fn gsis_in_use(&self) -> usize;
     /// Points `gsi` at an MSI message.
     fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), VmOpsError>;
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), VmOpsError>;
@@ -65,6 +67,7 @@ struct RouteTable {
     /// MSI GSIs, above the IOAPIC pins, as many as fit in KVM's table beside the PC routes;
     /// freed ones are handed out again (devices come and go).
     gsis: IdAllocator,
+    in_use: usize,
 }
 
 impl RouteTable {
@@ -76,13 +79,17 @@ impl RouteTable {
             msi: BTreeMap::new(),
             gsis: IdAllocator::new(IOAPIC_PINS, last)
                 .expect("the PC routes are far fewer than KVM's limit"),
+            in_use: 0,
         }
     }
 
     fn allocate(&mut self) -> Result<u32, VmOpsError> {
-        self.gsis
+        let gsi = self
+            .gsis
             .allocate_id()
-            .map_err(|_| VmOpsError::GsisExhausted)
+            .map_err(|_| VmOpsError::GsisExhausted)?;
+        self.in_use += 1;
+        Ok(gsi)
     }
 
     fn entries(&self) -> Vec<kvm_irq_routing_entry> {
@@ -148,7 +155,13 @@ impl VmOps for KvmVmOps {
                 let _ = self.vm.set_gsi_routing(&table);
             }
         }
-        let _ = routes.gsis.free_id(gsi);
+        if routes.gsis.free_id(gsi).is_ok() {
+            routes.in_use -= 1;
+        }
+    }
+
+    fn gsis_in_use(&self) -> usize {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner()).in_use
     }
 
     fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), VmOpsError> {
@@ -248,6 +261,10 @@ pub mod fake {
             let mut s = self.state();
             s.routes.remove(&gsi);
             s.freed_gsis.push(gsi);
+        }
+        fn gsis_in_use(&self) -> usize {
+            let s = self.state();
+            s.next_gsi as usize - s.freed_gsis.len()
         }
         fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), VmOpsError> {
             self.state().routes.insert(gsi, (address, data));

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::placement::Bar;
 use crate::kinds::{Arg, Backend, DeviceSpec};
 use crate::layout::VirtioMmioSlot;
-use crate::supervisor::{self, ManagedProcess};
+use crate::supervisor::{self, SpawnedProcess};
 use crate::vhost_user::control::Failures;
 use crate::virtio::VirtioTransport;
 
@@ -33,7 +33,7 @@ pub struct Device {
     pub spec: DeviceSpec,
     /// Where its backend listens (for `socket=`, the user's path).
     pub socket_path: PathBuf,
-    pub process: Option<ManagedProcess>,
+    pub process: Option<SpawnedProcess>,
     /// Our own descriptor of the connection's socket, watched for a hang-up.
     pub socket: Option<OwnedFd>,
     pub process_watched: bool,

@@ -11,7 +11,9 @@
 //! while the VM runs.
 
 mod device;
+pub mod hotplug;
 pub mod placement;
+mod plug;
 
 use std::ffi::OsString;
 use std::io;
@@ -28,15 +30,12 @@ use self::device::{Device, Plugged};
 use self::placement::{Placement, PlacementError};
 use crate::devices::{Bus, BusError};
 use crate::kinds::{Backend, DeviceSpec};
-use crate::layout::{VirtioMmioSlot, VIRTIO_MMIO_SIZE};
+use crate::layout::VirtioMmioSlot;
 use crate::memory::GuestMemoryMmap;
-use crate::supervisor::{self, ManagedProcess, ProcessError, RuntimeDir};
-use crate::vhost_user::connection::{self, ConnectionError};
-use crate::vhost_user::control::Failures;
-use crate::vhost_user::{Connection, VhostUserDevice};
-use crate::virtio::mmio_transport::{MmioTransportError, VirtioMmioDevice};
-use crate::virtio::pci_transport::{self, PciTransportError, VirtioPciDevice};
-use crate::virtio::VirtioTransport;
+use crate::supervisor::{self, ProcessError, RuntimeDir, SpawnedProcess, Spawner};
+use crate::vhost_user::connection::ConnectionError;
+use crate::virtio::mmio_transport::MmioTransportError;
+use crate::virtio::pci_transport::PciTransportError;
 use crate::vm_ops::VmOps;
 
 /// How long a backend's socket may take to appear and accept.
@@ -49,8 +48,6 @@ const EXIT_GRACE: Duration = Duration::from_millis(500);
 pub enum DeviceManagerError {
     #[error("cannot create a directory for backend sockets")]
     RuntimeDir(#[source] io::Error),
-    #[error(transparent)]
-    Program(ProcessError),
     #[error("{0}")]
     Spawn(String, #[source] ProcessError),
     #[error("{0}")]
@@ -71,6 +68,57 @@ pub enum DeviceManagerError {
     NoSuchDevice(String),
     #[error("{0}: virtio-mmio devices are described to the guest at boot; only PCI devices can be added to a running VM")]
     MmioAtRunTime(String),
+    #[error("the VM is stopping")]
+    Closed,
+}
+
+/// What the devices of the VM hold (see [`DeviceManager::resources`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resources {
+    pub devices: usize,
+    /// PCI functions, the host bridge included.
+    pub pci_devices: usize,
+    /// GSIs allocated for MSI-X vectors.
+    pub gsis: usize,
+    /// Managed backend processes.
+    pub backends: usize,
+}
+
+/// A device taken out of the list and off the bus; what remains to do without the lock.
+struct Unplugged {
+    device: Device,
+    plugged: Option<Plugged>,
+}
+
+impl Unplugged {
+    /// Stops its queues (a reset, as the guest's driver would), drops the transport (its
+    /// control thread, connection and MSI-X vectors with it), stops a managed backend and
+    /// removes its socket file. Returns where it was, for [`DeviceManager::release`].
+    fn finish(mut self) -> Option<Place> {
+        let place = self.plugged.take().map(|p| {
+            p.transport.unplug();
+            p.place
+        });
+        self.device.disconnect();
+        self.device.stop_backend();
+        if matches!(self.device.spec.backend, Backend::Managed(_)) {
+            let _ = std::fs::remove_file(&self.device.socket_path);
+        }
+        place
+    }
+}
+
+/// How the rest of the VMM sees a device.
+fn info(d: &Device) -> DeviceInfo {
+    DeviceInfo {
+        id: d.id.clone(),
+        kind: d.spec.kind.kind_name(),
+        address: match d.plugged.as_ref().map(|p| &p.place) {
+            Some(Place::Pci { slot, .. }) => format!("0000:00:{slot:02x}.0"),
+            Some(Place::Mmio(slot)) => format!("mmio@{:#x}", slot.base),
+            None => String::new(),
+        },
+    }
 }
 
 /// What plugging devices in needs from the VM: its memory, KVM and the buses.
@@ -103,10 +151,15 @@ pub struct DeviceInfo {
 
 pub struct DeviceManager {
     devices: Vec<Device>,
+    /// Starts managed backends (a process of its own: see [`supervisor::spawner`]); gone once
+    /// the VM stops.
+    spawner: Option<Arc<Spawner>>,
     /// Default ids count up across every kind, as Cloud Hypervisor's do.
     next_default: usize,
     next_serial: u64,
     buses: Option<Buses>,
+    /// Set when the VM stops: nothing more is added.
+    closed: bool,
     /// Dropped after `devices` (field order), so processes are stopped before their sockets'
     /// directory goes.
     runtime_dir: Option<RuntimeDir>,
@@ -115,16 +168,19 @@ pub struct DeviceManager {
 impl DeviceManager {
     /// Names every device and starts the backend of every managed one. Ids were checked for
     /// duplicates with the options.
-    pub fn new(specs: &[DeviceSpec]) -> Result<Self, DeviceManagerError> {
+    pub fn new(specs: &[DeviceSpec], spawner: Arc<Spawner>) -> Result<Self, DeviceManagerError> {
         let mut manager = DeviceManager {
             devices: Vec::with_capacity(specs.len()),
+            spawner: Some(spawner),
             next_default: 0,
             next_serial: 0,
             buses: None,
+            closed: false,
             runtime_dir: None,
         };
         for spec in specs {
-            manager.launch(spec.clone())?;
+            let device = manager.launch(spec.clone())?;
+            manager.devices.push(device);
         }
         Ok(manager)
     }
@@ -140,8 +196,12 @@ impl DeviceManager {
         }
     }
 
-    /// Records the device and starts its backend if it is managed; not connected yet.
-    fn launch(&mut self, spec: DeviceSpec) -> Result<usize, DeviceManagerError> {
+    /// Names the device and starts its backend if it is managed; not connected yet, nor in the
+    /// list.
+    fn launch(&mut self, spec: DeviceSpec) -> Result<Device, DeviceManagerError> {
+        if self.closed {
+            return Err(DeviceManagerError::Closed);
+        }
         let id = match &spec.id {
             Some(id) if self.devices.iter().any(|d| &d.id == id) => {
                 return Err(DeviceManagerError::DuplicateId(id.clone()))
@@ -149,18 +209,16 @@ impl DeviceManager {
             Some(id) => id.clone(),
             None => self.default_id(spec.kind.kind_name()),
         };
-        let (socket_path, program) = match &spec.backend {
-            Backend::Socket(p) => (p.clone(), None),
-            Backend::Managed(profile) => {
+        let socket_path = match &spec.backend {
+            Backend::Socket(p) => p.clone(),
+            Backend::Managed(_) => {
                 let dir = match &self.runtime_dir {
                     Some(d) => d,
                     None => self
                         .runtime_dir
                         .insert(RuntimeDir::create().map_err(DeviceManagerError::RuntimeDir)?),
                 };
-                let program = supervisor::find_program(&profile.program)
-                    .map_err(DeviceManagerError::Program)?;
-                (dir.path().join(format!("{id}.sock")), Some(program))
+                dir.path().join(format!("{id}.sock"))
             }
         };
         let serial = self.next_serial;
@@ -176,29 +234,30 @@ impl DeviceManager {
             plugged: None,
             failed: false,
         };
-        if let Some(program) = program {
+        if let Backend::Managed(profile) = &device.spec.backend {
             let args: Vec<OsString> = device.backend_args();
-            let p = ManagedProcess::spawn(&program, &args)
+            let p = self
+                .spawner
+                .as_ref()
+                .ok_or(DeviceManagerError::Closed)?
+                .spawn(&profile.program, &args)
                 .map_err(|e| DeviceManagerError::Spawn(device.label(), e))?;
+            // Where the backend really listens (some add a suffix to the path they are given).
+            let mut listening = device.socket_path.clone().into_os_string();
+            listening.push(&profile.socket_suffix);
+            device.socket_path = PathBuf::from(listening);
             device.process = Some(p);
             device.process_watched = true;
-            // Where the backend really listens (some add a suffix to the path they are given).
-            if let Backend::Managed(profile) = &device.spec.backend {
-                let mut listening = device.socket_path.clone().into_os_string();
-                listening.push(&profile.socket_suffix);
-                device.socket_path = PathBuf::from(listening);
-            }
         }
-        self.devices.push(device);
-        Ok(self.devices.len() - 1)
+        Ok(device)
     }
 
     /// What the main thread may still reach once the VM runs: the backends' sockets (for the
     /// reconnection to come, enforced from Landlock ABI 9), and the runtime directory, to
     /// remove it at exit; in its parent, only removing the (by then empty) directory itself.
-    /// Signals to processes outside the domain stay allowed: the backends must be stopped.
+    /// No signals leave the domain: the spawner stops the backends.
     pub fn landlock_rules(&self) -> Rules {
-        let mut rules = Rules::new().allow_signals_outside();
+        let mut rules = Rules::new();
         if let Some(dir) = &self.runtime_dir {
             rules = rules
                 .read_dir(dir.path())
@@ -218,12 +277,15 @@ impl DeviceManager {
         rules
     }
 
-    /// Connects to every backend and plugs its device in. Returns the virtio-mmio slots used,
-    /// for the DSDT.
+    /// Connects to every backend and plugs its device in, in order. Returns the virtio-mmio
+    /// slots used, for the DSDT.
     pub fn attach(&mut self, buses: Buses) -> Result<Vec<VirtioMmioSlot>, DeviceManagerError> {
+        let memory = buses.memory.clone();
         self.buses = Some(buses);
-        for n in 0..self.devices.len() {
-            self.plug(n)?;
+        // A device that fails drops the rest (their backends are stopped).
+        for d in std::mem::take(&mut self.devices) {
+            let connected = plug::connect(d, &memory)?;
+            self.place(connected)?;
         }
         Ok(self
             .devices
@@ -235,185 +297,80 @@ impl DeviceManager {
             .collect())
     }
 
-    /// Adds a device to the running VM (PCI only); returns what it became.
-    pub fn add(&mut self, spec: DeviceSpec) -> Result<DeviceInfo, DeviceManagerError> {
-        if spec.transport == crate::config::device::TransportKind::Mmio {
-            return Err(DeviceManagerError::MmioAtRunTime(spec.value.clone()));
+    /// Puts a connected device on PCI or MMIO and into the list.
+    fn place(&mut self, c: plug::Connected) -> Result<DeviceInfo, DeviceManagerError> {
+        if self.closed {
+            return Err(DeviceManagerError::Closed);
         }
-        let n = self.launch(spec)?;
-        if let Err(e) = self.plug(n) {
-            let mut d = self.devices.remove(n);
-            d.stop_backend();
-            self.remove_socket_file(&d);
-            return Err(e);
-        }
-        Ok(self.info(&self.devices[n]))
+        let buses = self.buses.as_mut().ok_or(DeviceManagerError::Closed)?;
+        let device = plug::place(c, buses)?;
+        let info = info(&device);
+        self.devices.push(device);
+        Ok(info)
     }
 
-    /// Takes a device out of the VM: stops its queues, unplugs it, stops a managed backend,
-    /// and gives back its slot, BAR, vectors and socket.
-    pub fn remove(&mut self, id: &str) -> Result<(), DeviceManagerError> {
+    /// Takes device `id` out of the list and off the PCI bus (the guest no longer finds it);
+    /// [`Unplugged::finish`] does the rest, without the manager's lock.
+    fn take_out(&mut self, id: &str) -> Result<Unplugged, DeviceManagerError> {
         let n = self
             .devices
             .iter()
             .position(|d| d.id == id)
             .ok_or_else(|| DeviceManagerError::NoSuchDevice(id.to_string()))?;
-        let mut d = self.devices.remove(n);
-        if let Some(plugged) = d.plugged.take() {
-            plugged.transport.unplug();
-            if let Some(buses) = self.buses.as_mut() {
-                match &plugged.place {
-                    Place::Pci { slot, bar } => {
-                        buses.placement.unplug_pci(*slot);
-                        buses.placement.free_bar(bar);
-                    }
-                    Place::Mmio(slot) => {
-                        let _ = buses.mmio_bus.remove(slot.base);
-                        buses.placement.free_mmio(slot);
-                    }
+        let mut device = self.devices.remove(n);
+        let plugged = device.plugged.take();
+        if let (Some(p), Some(buses)) = (&plugged, self.buses.as_mut()) {
+            match &p.place {
+                Place::Pci { slot, .. } => buses.placement.unplug_pci(*slot),
+                Place::Mmio(slot) => {
+                    let _ = buses.mmio_bus.remove(slot.base);
                 }
             }
-            // Dropping the last reference ends the control thread and the connection, and
-            // gives the MSI-X GSIs back.
         }
-        d.disconnect();
-        d.stop_backend();
-        self.remove_socket_file(&d);
-        Ok(())
+        Ok(Unplugged { device, plugged })
     }
 
-    /// A managed backend's socket file, which a killed backend leaves behind.
-    fn remove_socket_file(&self, d: &Device) {
-        if matches!(d.spec.backend, Backend::Managed(_)) {
-            let _ = std::fs::remove_file(&d.socket_path);
+    /// Gives back what an unplugged device held in the VM's address space.
+    fn release(&mut self, place: &Place) {
+        if let Some(buses) = self.buses.as_mut() {
+            match place {
+                Place::Pci { bar, .. } => buses.placement.free_bar(bar),
+                Place::Mmio(slot) => buses.placement.free_mmio(slot),
+            }
+        }
+    }
+
+    /// Guest memory, for connecting a device added later.
+    fn memory(&self) -> Result<GuestMemoryMmap, DeviceManagerError> {
+        self.buses
+            .as_ref()
+            .map(|b| b.memory.clone())
+            .ok_or(DeviceManagerError::Closed)
+    }
+
+    /// The directory of managed backends' sockets, once there is one.
+    pub fn runtime_dir(&self) -> Option<PathBuf> {
+        self.runtime_dir.as_ref().map(|d| d.path().to_path_buf())
+    }
+
+    /// The spawner process, parent of every managed backend.
+    pub fn spawner_pid(&self) -> Option<libc::pid_t> {
+        self.spawner.as_ref().map(|s| s.pid())
+    }
+
+    /// What the VM's devices hold, for tests that add and remove them.
+    pub fn resources(&self) -> Resources {
+        let buses = self.buses.as_ref();
+        Resources {
+            devices: self.devices.len(),
+            pci_devices: buses.map_or(0, |b| b.placement.pci().len()),
+            gsis: buses.map_or(0, |b| b.vm.gsis_in_use()),
+            backends: self.devices.iter().filter(|d| d.process.is_some()).count(),
         }
     }
 
     pub fn devices(&self) -> Vec<DeviceInfo> {
-        self.devices.iter().map(|d| self.info(d)).collect()
-    }
-
-    fn info(&self, d: &Device) -> DeviceInfo {
-        DeviceInfo {
-            id: d.id.clone(),
-            kind: d.spec.kind.kind_name(),
-            address: match d.plugged.as_ref().map(|p| &p.place) {
-                Some(Place::Pci { slot, .. }) => format!("0000:00:{slot:02x}.0"),
-                Some(Place::Mmio(slot)) => format!("mmio@{:#x}", slot.base),
-                None => String::new(),
-            },
-        }
-    }
-
-    /// Connects to device `n`'s backend and puts the device on PCI or MMIO.
-    fn plug(&mut self, n: usize) -> Result<(), DeviceManagerError> {
-        let Some(buses) = self.buses.as_mut() else {
-            return Ok(());
-        };
-        let d = &mut self.devices[n];
-        // An error here is reported by our caller, with the label: nothing more to say when
-        // the process is stopped.
-        d.failed = true;
-        let label = d.label();
-        let name = d.id.clone();
-        let queues = u16::try_from(d.spec.queue_sizes.len()).unwrap_or(u16::MAX);
-        let connect_error = |e| DeviceManagerError::Connect(label.clone(), e);
-        let stream = {
-            let process = &mut d.process;
-            connection::connect(&d.socket_path, CONNECT_TIMEOUT, &mut || match process
-                .as_mut()
-                .and_then(ManagedProcess::try_wait)
-            {
-                Some(s) => Err(format!(
-                    "the backend exited with {} before its socket appeared",
-                    supervisor::describe(s)
-                )),
-                None => Ok(()),
-            })
-            .map_err(connect_error)?
-        };
-        let conn = Connection::new(stream, &name, queues).map_err(connect_error)?;
-        let socket = conn
-            .socket_dup()
-            .map_err(|e| connect_error(ConnectionError::Setup(e)))?;
-        let failures =
-            Failures::new().map_err(|e| DeviceManagerError::Failures(label.clone(), e))?;
-        let device = VhostUserDevice::new(
-            &name,
-            d.spec.kind.clone(),
-            conn,
-            buses.memory.clone(),
-            d.spec.queue_sizes.clone(),
-            failures.clone(),
-        )
-        .map_err(connect_error)?;
-        let (transport, place): (Arc<dyn VirtioTransport>, Place) = match d.spec.transport {
-            crate::config::device::TransportKind::Pci => {
-                let bar = buses
-                    .placement
-                    .allocate_bar(pci_transport::BAR_SIZE)
-                    .map_err(|e| DeviceManagerError::Place(label.clone(), e))?;
-                let plugged = VirtioPciDevice::new(
-                    &name,
-                    Box::new(device),
-                    bar.start(),
-                    buses.vm.clone(),
-                    buses.mmio_bus.clone(),
-                )
-                .map_err(|e| DeviceManagerError::Pci(label.clone(), e))
-                .and_then(|dev| {
-                    let slot = buses
-                        .placement
-                        .plug_pci(dev.clone())
-                        .map_err(|e| DeviceManagerError::Place(label.clone(), e))?;
-                    Ok((dev, slot))
-                });
-                match plugged {
-                    Ok((dev, slot)) => (dev, Place::Pci { slot, bar }),
-                    Err(e) => {
-                        buses.placement.free_bar(&bar);
-                        return Err(e);
-                    }
-                }
-            }
-            crate::config::device::TransportKind::Mmio => {
-                let slot = buses
-                    .placement
-                    .allocate_mmio()
-                    .map_err(|e| DeviceManagerError::Place(label.clone(), e))?;
-                let plugged = VirtioMmioDevice::new(
-                    &name,
-                    Box::new(device),
-                    slot.base,
-                    slot.gsi,
-                    buses.vm.clone(),
-                )
-                .map(Arc::new)
-                .map_err(|e| DeviceManagerError::Mmio(label.clone(), e))
-                .and_then(|dev| {
-                    buses
-                        .mmio_bus
-                        .insert(dev.clone(), slot.base, VIRTIO_MMIO_SIZE)
-                        .map_err(|e| DeviceManagerError::Bus(label.clone(), e))?;
-                    Ok(dev)
-                });
-                match plugged {
-                    Ok(dev) => (dev, Place::Mmio(slot)),
-                    Err(e) => {
-                        buses.placement.free_mmio(&slot);
-                        return Err(e);
-                    }
-                }
-            }
-        };
-        d.socket = Some(socket);
-        d.plugged = Some(Plugged {
-            transport,
-            place,
-            failures,
-        });
-        d.failed = false;
-        Ok(())
+        self.devices.iter().map(info).collect()
     }
 
     /// Descriptors for the main loop to poll, with poll(2) event bits.
@@ -460,7 +417,7 @@ impl DeviceManager {
             }
             Watch::Process(_) => {
                 d.process_watched = false;
-                let status = d.process.as_mut().and_then(ManagedProcess::try_wait);
+                let status = d.process.as_mut().and_then(SpawnedProcess::try_wait);
                 let what = match status {
                     Some(s) => format!("backend exited with {}", supervisor::describe(s)),
                     None => "backend exited".to_string(),
@@ -499,11 +456,17 @@ impl DeviceManager {
         }
     }
 
-    /// Stops the managed backends (SIGTERM, then SIGKILL) and reaps them.
+    /// Stops the managed backends (SIGTERM, then SIGKILL) and the spawner, drops every device
+    /// and removes the runtime directory; no device can be added after this. (The hot-plug
+    /// thread may outlive it, holding the manager.)
     pub fn shutdown(&mut self) {
+        self.closed = true;
         for d in &mut self.devices {
             d.stop_backend();
         }
+        self.devices.clear();
+        self.spawner = None;
+        self.runtime_dir = None;
     }
 }
 

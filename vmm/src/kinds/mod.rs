@@ -18,6 +18,15 @@ use std::sync::Arc;
 use crate::config::device::{OptionError, TransportKind};
 use crate::vhost_user::DeviceKind;
 
+/// The programs cloister may start as managed backends; the spawner starts nothing else.
+pub const BACKEND_PROGRAMS: &[&str] = &[
+    "vhost-user-blk",
+    "vhost-user-net",
+    "virtiofsd",
+    "vhost-device-rng",
+    "vhost-device-vsock",
+];
+
 /// One device as the user asked for it, validated.
 #[derive(Clone)]
 pub struct DeviceSpec {

@@ -58,6 +58,16 @@ impl PciRoot {
         Ok(slot as u8)
     }
 
+    /// How many slots are taken, the host bridge's included.
+    pub fn len(&self) -> usize {
+        self.slots().iter().filter(|d| d.is_some()).count()
+    }
+
+    /// Whether the bus has nothing on it (never: the host bridge is always there).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Unplugs the device in `slot` (never the host bridge); returns it.
     pub fn remove(&self, slot: u8) -> Option<Arc<dyn PciDevice>> {
         if slot == 0 {

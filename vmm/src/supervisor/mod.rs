@@ -3,6 +3,8 @@
 
 pub mod process;
 pub mod runtime_dir;
+pub mod spawner;
 
 pub use process::{describe, find_program, ManagedProcess, ProcessError};
 pub use runtime_dir::RuntimeDir;
+pub use spawner::{SpawnedProcess, Spawner};

@@ -22,6 +22,12 @@ pub enum ProcessError {
     Spawn(PathBuf, #[source] io::Error),
     #[error("cannot watch process {0}")]
     Pidfd(u32, #[source] io::Error),
+    #[error("{0} is not a backend cloister starts")]
+    Refused(String),
+    #[error("{0}")]
+    Remote(String),
+    #[error("cannot reach the spawner process")]
+    Spawner(#[source] io::Error),
 }
 
 /// The backend program: next to our own executable first (a build tree or an install
@@ -284,7 +290,7 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd < 0 {

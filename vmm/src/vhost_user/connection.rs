@@ -68,8 +68,15 @@ pub enum ConnectionError {
     TooFewQueues { available: u64, wanted: u16 },
     #[error("guest memory region at {0:#x} cannot be shared (not file-backed)")]
     Memory(u64),
-    #[error("queue {index}: the backend refused a ring of {size} entries (SET_VRING_NUM); give the device a queue_size= the backend accepts")]
+    #[error("queue {index}: the backend refused a ring of {size} entries; set queue_size= (queue_sizes= for --generic-vhost-user) to a size it accepts")]
     RingSizeRefused {
+        index: usize,
+        size: u16,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("queue {index}: the backend hung up when given a ring of {size} entries (it acknowledges no request, and that is how such a backend refuses a ring size); if it limits them, set queue_size= (queue_sizes= for --generic-vhost-user) to a size it accepts")]
+    RingSetupHungUp {
         index: usize,
         size: u16,
         #[source]
@@ -377,15 +384,32 @@ impl Connection {
             log_addr: None,
         };
         let i = v.index;
+        let acked = self
+            .negotiated
+            .protocol
+            .contains(VhostUserProtocolFeatures::REPLY_ACK);
+        // With REPLY_ACK a refused size fails SET_VRING_NUM itself. Without, nothing is
+        // answered and a backend refusing it just hangs up: a round trip right after shows it.
         self.call("SET_VRING_NUM", |f| f.set_vring_num(i, v.size))
             .map_err(|e| match e {
-                ConnectionError::Request(_, source) => ConnectionError::RingSizeRefused {
+                ConnectionError::Request(_, source) if acked => ConnectionError::RingSizeRefused {
                     index: i,
                     size: v.size,
                     source,
                 },
                 other => other,
             })?;
+        if !acked {
+            self.call("GET_FEATURES", |f| f.get_features())
+                .map_err(|e| match e {
+                    ConnectionError::Request(_, source) => ConnectionError::RingSetupHungUp {
+                        index: i,
+                        size: v.size,
+                        source,
+                    },
+                    other => other,
+                })?;
+        }
         self.call("SET_VRING_ADDR", |f| f.set_vring_addr(i, &config))?;
         // Rings start from index 0 after every (re)activation: the driver has reset them.
         self.call("SET_VRING_BASE", |f| f.set_vring_base(i, 0))?;
@@ -649,6 +673,66 @@ mod tests {
         );
         assert_eq!(e.to_string(), "GET_CONFIG: no reply within 200 ms");
         assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    fn ring(kick: &EventFd, call: &EventFd) -> VringSetup<'static> {
+        // The scripted backends never look at addresses or descriptors.
+        let kick: &'static EventFd = Box::leak(Box::new(kick.try_clone().unwrap()));
+        let call: &'static EventFd = Box::leak(Box::new(call.try_clone().unwrap()));
+        VringSetup {
+            index: 0,
+            size: 256,
+            desc: 0x1000,
+            avail: 0x2000,
+            used: 0x3000,
+            kick,
+            call,
+        }
+    }
+
+    const SET_VRING_NUM: u32 = 8;
+
+    #[test]
+    fn a_refused_ring_size_is_named() {
+        let e = EventFd::new(0).unwrap();
+        // With REPLY_ACK: the backend answers SET_VRING_NUM with a failure.
+        let refuses: Script = |c| match c {
+            SET_VRING_NUM => Reply::Send(reply_u64(c, 1)),
+            _ => base_reply(c, 1),
+        };
+        let mut conn = Connection::new(hostile(refuses), "test", 1).unwrap();
+        let err = conn.start_vring(&ring(&e, &e)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConnectionError::RingSizeRefused {
+                    index: 0,
+                    size: 256,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("set queue_size="), "{err}");
+        // Without REPLY_ACK: it hangs up, which the round trip after SET_VRING_NUM shows.
+        let hangs_up: Script = |c| match c {
+            GET_PROTOCOL_FEATURES => Reply::Send(reply_u64(c, 0b1 | (1 << 9))),
+            SET_VRING_NUM => Reply::SendAndHangUp(Vec::new()),
+            _ => base_reply(c, 1),
+        };
+        let mut conn = Connection::new(hostile(hangs_up), "test", 1).unwrap();
+        let err = conn.start_vring(&ring(&e, &e)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConnectionError::RingSetupHungUp {
+                    index: 0,
+                    size: 256,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

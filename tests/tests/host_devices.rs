@@ -1,0 +1,259 @@
+//! Devices added to and removed from a running VM, on this host's `/dev/kvm` with our tiny
+//! payload (it halts; the guest never sees the devices come and go): a hundred rounds leave
+//! no backend process, socket, descriptor, PCI slot or MSI vector behind, for a backend
+//! cloister starts and one the operator runs. Driven by the debug-build test hook
+//! (`CLOISTER_TEST_HOTPLUG`) through the hot-plug thread, under the default sandbox.
+//!
+//! Skipped when `/dev/kvm` is missing and `CLOISTER_SKIP_KVM=1`, or when vhost-user-blk has not
+//! been built next to cloister (`cargo build --workspace`).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use harness::payload::{self, Payload};
+
+fn ready(test: &str) -> bool {
+    if !Path::new("/dev/kvm").exists() {
+        if std::env::var("CLOISTER_SKIP_KVM").is_ok_and(|v| v == "1") {
+            eprintln!("SKIP {test}: /dev/kvm is missing and CLOISTER_SKIP_KVM=1");
+            return false;
+        }
+        panic!("/dev/kvm is missing: these tests need KVM (set CLOISTER_SKIP_KVM=1 to skip them)");
+    }
+    let backend = backend_bin();
+    if !backend.is_file() {
+        eprintln!("SKIP {test}: {} is not built", backend.display());
+        return false;
+    }
+    true
+}
+
+fn backend_bin() -> PathBuf {
+    payload::cloister_bin().with_file_name("vhost-user-blk")
+}
+
+fn fresh_dir(name: &str) -> PathBuf {
+    let dir = payload::scratch_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create test directory");
+    dir
+}
+
+fn image(dir: &Path, name: &str) -> String {
+    let path = dir.join(name);
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("create image");
+    path.to_str().expect("utf-8 path").to_string()
+}
+
+/// cloister running the halting payload with `args`, its stderr read line by line.
+struct Vm {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Vm {
+    fn start(runtime: &Path, args: &[String], hook: &str) -> Vm {
+        let kernel = payload::write(Payload::Hang, &payload::scratch_dir()).expect("payload");
+        let mut child = Command::new(payload::cloister_bin())
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--serial")
+            .arg("off")
+            .args(args)
+            .env("XDG_RUNTIME_DIR", runtime)
+            .env("CLOISTER_TEST_HOTPLUG", hook)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run cloister");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Vm {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first stderr line containing `needle`, waiting up to `timeout`.
+    fn wait_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = self.child.kill();
+        panic!(
+            "no '{needle}' on cloister's stderr within {timeout:?}; it said:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    /// SIGTERM; the exit code (128 + 15 expected), or what cloister said if it died.
+    fn stop(mut self) -> Result<i32, String> {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let status = payload::wait_or_kill(&mut self.child, Duration::from_secs(30));
+        self.seen.extend(self.lines.try_iter());
+        status
+            .and_then(|s| s.code())
+            .ok_or_else(|| format!("{status:?}; it said:\n{}", self.seen.join("\n")))
+    }
+}
+
+/// "name A -> B" pairs of the hook's report.
+fn before_after(line: &str) -> Vec<(String, u64, u64)> {
+    let report = line.split_once("rounds: ").map_or("", |(_, r)| r);
+    report
+        .split(", ")
+        .filter_map(|item| {
+            let (left, after) = item.split_once(" -> ")?;
+            let (name, before) = left.rsplit_once(' ')?;
+            Some((
+                name.to_string(),
+                before.parse().ok()?,
+                after.trim().parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+fn expect_nothing_left(line: &str, rounds: usize) {
+    assert!(line.contains(&format!("{rounds} rounds")), "{line}");
+    let pairs = before_after(line);
+    let names: Vec<&str> = pairs.iter().map(|(n, ..)| n.as_str()).collect();
+    for want in [
+        "devices",
+        "pci",
+        "gsis",
+        "backends",
+        "fds",
+        "sockets",
+        "backend processes",
+    ] {
+        assert!(names.contains(&want), "no {want} in: {line}");
+    }
+    for (name, before, after) in pairs {
+        assert_eq!(before, after, "{name} changed over {rounds} rounds: {line}");
+    }
+}
+
+const ROUNDS: usize = 100;
+
+#[test]
+fn a_managed_disk_added_and_removed_100_times_leaves_nothing_behind() {
+    if !ready("a_managed_disk_added_and_removed_100_times_leaves_nothing_behind") {
+        return;
+    }
+    let dir = fresh_dir("host-devices-managed");
+    let runtime = fresh_dir("host-devices-managed-run");
+    let boot = image(&dir, "boot.img");
+    let hot = image(&dir, "hot.img");
+    let mut vm = Vm::start(
+        &runtime,
+        &["--disk".into(), format!("path={boot}")],
+        &format!("--disk path={hot},id=hot*{ROUNDS}"),
+    );
+    // Its first round shows where it went: the slot after the boot disk's.
+    let first = vm.wait_line("test hook: hotplug: added", Duration::from_secs(60));
+    assert!(first.ends_with("added hot at 0000:00:02.0"), "{first}");
+    let report = vm.wait_line("rounds:", Duration::from_secs(300));
+    eprintln!("{report}");
+    expect_nothing_left(&report, ROUNDS);
+    assert!(report.contains("devices 1 -> 1"), "{report}");
+    assert!(report.contains("backends 1 -> 1"), "{report}");
+    assert_eq!(vm.stop(), Ok(143));
+    // Everything went with the VM: the backends, the spawner, the runtime directory.
+    assert_eq!(
+        std::fs::read_dir(&runtime).expect("runtime dir").count(),
+        0,
+        "runtime directory not cleaned up"
+    );
+}
+
+#[test]
+fn an_operator_disk_added_and_removed_100_times_leaves_nothing_behind() {
+    if !ready("an_operator_disk_added_and_removed_100_times_leaves_nothing_behind") {
+        return;
+    }
+    let dir = fresh_dir("host-devices-operator");
+    let runtime = fresh_dir("host-devices-operator-run");
+    let img = image(&dir, "op.img");
+    let socket = dir.join("op.sock");
+    // The operator's backend serves one frontend at a time and listens again after each.
+    let mut backend = Command::new(backend_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--image")
+        .arg(&img)
+        .arg("--log-level")
+        .arg("warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start vhost-user-blk");
+    let mut vm = Vm::start(
+        &runtime,
+        &[],
+        &format!("--disk socket={}*{ROUNDS}", socket.display()),
+    );
+    let first = vm.wait_line("test hook: hotplug: added", Duration::from_secs(60));
+    assert!(first.ends_with("added _disk0 at 0000:00:01.0"), "{first}");
+    let report = vm.wait_line("rounds:", Duration::from_secs(300));
+    eprintln!("{report}");
+    expect_nothing_left(&report, ROUNDS);
+    assert_eq!(vm.stop(), Ok(143));
+    // The operator's backend is still there for the next frontend.
+    assert!(backend.try_wait().expect("try_wait").is_none());
+    let _ = backend.kill();
+    let _ = backend.wait();
+}
+
+#[test]
+fn a_device_that_cannot_be_added_is_refused_and_changes_nothing() {
+    if !ready("a_device_that_cannot_be_added_is_refused_and_changes_nothing") {
+        return;
+    }
+    let runtime = fresh_dir("host-devices-refused-run");
+    let mut vm = Vm::start(&runtime, &[], "--disk socket=/nonexistent/dir/blk.sock*1");
+    let line = vm.wait_line("test hook: hotplug:", Duration::from_secs(60));
+    assert!(
+        line.contains("round 0: add: _disk0 (vhost-user-blk backend, socket /nonexistent/dir/blk.sock): socket /nonexistent/dir/blk.sock did not accept a connection within 10 s"),
+        "{line}"
+    );
+    assert_eq!(vm.stop(), Ok(143));
+}
+
+#[test]
+fn the_report_parser_reads_every_pair() {
+    let pairs = before_after(
+        "cloister: test hook: hotplug: 3 rounds: devices 1 -> 1, backend processes 2 -> 3",
+    );
+    assert_eq!(
+        pairs,
+        vec![
+            ("devices".to_string(), 1, 1),
+            ("backend processes".to_string(), 2, 3)
+        ]
+    );
+}

@@ -1,0 +1,412 @@
+//! The spawner: a small process cloister forks first thing, while it is still one thread and
+//! holds neither guest memory nor KVM, which starts, watches and stops the managed backends on
+//! its request. Why a process of its own:
+//!
+//! - a backend started by a sandboxed thread would inherit that thread's seccomp filter and
+//!   Landlock domain, which are the VMM's, not what the backend needs (and a domain cannot
+//!   grow to take in a directory named by a device added later);
+//! - so devices can be added while the VM runs, after every VMM thread is confined, without
+//!   any VMM thread being allowed to `fork` or `execve`.
+//!
+//! It answers requests on a `SOCK_SEQPACKET` socket pair: start a backend (by name: only the
+//! programs in [`crate::kinds::BACKEND_PROGRAMS`], found next to cloister or on `PATH`), report
+//! one's exit status, stop one. It dies with cloister (`PR_SET_PDEATHSIG`), and its backends
+//! die with it; when cloister closes the socket it stops them and exits. It is not sandboxed
+//! (the backends it starts must not inherit a filter); what it can be made to do is start
+//! those programs, as cloister itself could before it confined itself.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::process::{self, ManagedProcess, ProcessError, STOP_GRACE};
+
+const OP_SPAWN: u8 = b'S';
+const OP_STATUS: u8 = b'W';
+const OP_STOP: u8 = b'T';
+const REPLY_PID: u8 = b'P';
+const REPLY_RUNNING: u8 = b'R';
+const REPLY_EXITED: u8 = b'X';
+const REPLY_ERROR: u8 = b'E';
+/// Largest request or reply.
+const MAX_MESSAGE: usize = 64 * 1024;
+
+pub struct Spawner {
+    socket: Mutex<OwnedFd>,
+    pid: libc::pid_t,
+    programs: &'static [&'static str],
+}
+
+impl Spawner {
+    /// Forks the spawner. Must be called while the process has one thread (fork copies only
+    /// the caller). `programs` are the names it may start.
+    pub fn start(programs: &'static [&'static str]) -> io::Result<Arc<Self>> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: socketpair fills two descriptors we own right after.
+        if unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        } != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh descriptors nothing else owns.
+        let (ours, theirs) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: getpid cannot fail.
+        let parent = unsafe { libc::getpid() };
+        // SAFETY: fork in a single-threaded process; the child only runs `serve`.
+        match unsafe { libc::fork() } {
+            -1 => Err(io::Error::last_os_error()),
+            0 => {
+                drop(ours);
+                serve(theirs, parent, programs)
+            }
+            pid => Ok(Arc::new(Spawner {
+                socket: Mutex::new(ours),
+                pid,
+                programs,
+            })),
+        }
+    }
+
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    /// Starts `program` (one of the allowed names) with `args`.
+    pub fn spawn(
+        self: &Arc<Self>,
+        program: &str,
+        args: &[OsString],
+    ) -> Result<SpawnedProcess, ProcessError> {
+        if !self.programs.contains(&program) {
+            return Err(ProcessError::Refused(program.to_string()));
+        }
+        let mut msg = vec![OP_SPAWN];
+        msg.extend_from_slice(program.as_bytes());
+        for a in args {
+            msg.push(0);
+            msg.extend_from_slice(a.as_bytes());
+        }
+        let reply = self.request(&msg).map_err(ProcessError::Spawner)?;
+        match reply.split_first() {
+            Some((&REPLY_PID, rest)) if rest.len() == 4 => {
+                let pid = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+                // Not reaped until we ask, so the pid cannot have been reused.
+                let pidfd = process::pidfd_open(pid).map_err(|e| ProcessError::Pidfd(pid, e))?;
+                Ok(SpawnedProcess {
+                    pid,
+                    pidfd,
+                    spawner: Arc::clone(self),
+                    status: None,
+                    stopped: false,
+                })
+            }
+            Some((&REPLY_ERROR, text)) => Err(ProcessError::Remote(
+                String::from_utf8_lossy(text).into_owned(),
+            )),
+            _ => Err(ProcessError::Spawner(bad_reply())),
+        }
+    }
+
+    /// One request, one reply, one caller at a time.
+    fn request(&self, msg: &[u8]) -> io::Result<Vec<u8>> {
+        let socket = self.socket.lock().unwrap_or_else(|e| e.into_inner());
+        send(socket.as_raw_fd(), msg)?;
+        let reply = recv(socket.as_raw_fd())?;
+        if reply.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the spawner process is gone",
+            ));
+        }
+        Ok(reply)
+    }
+
+    /// The exit status of `pid` if it has exited (and is then reaped), or `None`.
+    fn status(&self, pid: u32) -> Option<ExitStatus> {
+        let mut msg = vec![OP_STATUS];
+        msg.extend_from_slice(&pid.to_le_bytes());
+        exited(&self.request(&msg).ok()?).map(|(s, _)| s)
+    }
+
+    /// SIGTERM, SIGKILL after `grace`; the status and whether it had to be killed.
+    fn stop(&self, pid: u32, grace: Duration) -> (Option<ExitStatus>, bool) {
+        let mut msg = vec![OP_STOP];
+        msg.extend_from_slice(&pid.to_le_bytes());
+        msg.extend_from_slice(&(grace.as_millis().min(u32::MAX as u128) as u32).to_le_bytes());
+        match self.request(&msg).ok().as_deref().and_then(exited) {
+            Some((s, killed)) => (Some(s), killed),
+            None => (None, false),
+        }
+    }
+}
+
+impl Drop for Spawner {
+    /// Closing the socket tells it to stop what is left and exit; then it is reaped.
+    fn drop(&mut self) {
+        let socket = self.socket.get_mut().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: shutdown on a socket we own.
+        unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+        let mut status = 0;
+        // SAFETY: waitpid on our own child.
+        unsafe { libc::waitpid(self.pid, &mut status, 0) };
+    }
+}
+
+fn bad_reply() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "a malformed reply from the spawner",
+    )
+}
+
+fn exited(reply: &[u8]) -> Option<(ExitStatus, bool)> {
+    match reply {
+        [REPLY_EXITED, a, b, c, d, killed] => Some((
+            ExitStatus::from_raw(i32::from_le_bytes([*a, *b, *c, *d])),
+            *killed != 0,
+        )),
+        _ => None,
+    }
+}
+
+fn send(fd: RawFd, msg: &[u8]) -> io::Result<()> {
+    // SAFETY: write(2) of a buffer we own; SEQPACKET sends it whole or not at all.
+    let n = unsafe { libc::write(fd, msg.as_ptr().cast(), msg.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn recv(fd: RawFd) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        // SAFETY: read(2) into a buffer we own, at most its length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            buf.truncate(n as usize);
+            return Ok(buf);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// A backend the spawner started.
+pub struct SpawnedProcess {
+    pid: u32,
+    pidfd: OwnedFd,
+    spawner: Arc<Spawner>,
+    status: Option<ExitStatus>,
+    stopped: bool,
+}
+
+impl SpawnedProcess {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Readable once the process has exited.
+    pub fn pidfd(&self) -> RawFd {
+        self.pidfd.as_raw_fd()
+    }
+
+    /// The exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() && !self.stopped {
+            self.status = self.spawner.status(self.pid);
+        }
+        self.status
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if let Some(s) = self.try_wait() {
+            return Some(s);
+        }
+        let mut p = libc::pollfd {
+            fd: self.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd. EINTR just means we look again below.
+        unsafe { libc::poll(&mut p, 1, ms) };
+        self.try_wait()
+    }
+
+    /// SIGTERM to its process group, SIGKILL after `grace`; reaped. Returns how it ended and
+    /// whether it had to be killed.
+    pub fn stop(&mut self, grace: Duration) -> (Option<ExitStatus>, bool) {
+        if self.stopped {
+            return (self.status, false);
+        }
+        self.stopped = true;
+        let (status, killed) = self.spawner.stop(self.pid, grace);
+        self.status = self.status.or(status);
+        (self.status, killed)
+    }
+}
+
+impl Drop for SpawnedProcess {
+    fn drop(&mut self) {
+        self.stop(STOP_GRACE);
+    }
+}
+
+/// The spawner's life: requests until cloister closes the socket or dies.
+fn serve(socket: OwnedFd, parent: libc::pid_t, programs: &[&str]) -> ! {
+    // SAFETY: prctl and setpgid with constant arguments. Dies with cloister; out of the
+    // terminal's process group, so Ctrl-C and hang-ups meant for cloister do not reach it.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        libc::prctl(libc::PR_SET_NAME, c"cloister-spawn".as_ptr(), 0, 0, 0);
+        libc::setpgid(0, 0);
+        if libc::getppid() != parent {
+            libc::_exit(0);
+        }
+    }
+    let mut children: HashMap<u32, ManagedProcess> = HashMap::new();
+    loop {
+        let msg = match recv(socket.as_raw_fd()) {
+            Ok(m) if !m.is_empty() => m,
+            _ => break,
+        };
+        let reply = handle(&msg, &mut children, programs);
+        if send(socket.as_raw_fd(), &reply).is_err() {
+            break;
+        }
+    }
+    for p in children.values_mut() {
+        p.stop(STOP_GRACE);
+    }
+    // SAFETY: ends the spawner without running cloister's exit handlers (it is a fork).
+    unsafe { libc::_exit(0) }
+}
+
+fn handle(msg: &[u8], children: &mut HashMap<u32, ManagedProcess>, programs: &[&str]) -> Vec<u8> {
+    let error = |text: String| {
+        let mut r = vec![REPLY_ERROR];
+        r.extend_from_slice(text.as_bytes());
+        r
+    };
+    let pid_at = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(msg.get(at..at + 4)?.try_into().ok()?))
+    };
+    let exited_reply = |s: ExitStatus, killed: bool| {
+        let mut r = vec![REPLY_EXITED];
+        r.extend_from_slice(&s.into_raw().to_le_bytes());
+        r.push(u8::from(killed));
+        r
+    };
+    match msg.first() {
+        Some(&OP_SPAWN) => {
+            let mut fields = msg[1..].split(|&b| b == 0);
+            let name = String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
+            if !programs.contains(&name.as_str()) {
+                return error(ProcessError::Refused(name).to_string());
+            }
+            let args: Vec<OsString> = fields.map(|a| OsString::from_vec(a.to_vec())).collect();
+            let spawned =
+                process::find_program(&name).and_then(|path| ManagedProcess::spawn(&path, &args));
+            match spawned {
+                Ok(p) => {
+                    let pid = p.pid();
+                    children.insert(pid, p);
+                    let mut r = vec![REPLY_PID];
+                    r.extend_from_slice(&pid.to_le_bytes());
+                    r
+                }
+                Err(e) => error(crate::error_chain(&e)),
+            }
+        }
+        Some(&OP_STATUS) => match pid_at(1).and_then(|pid| children.get_mut(&pid)) {
+            Some(p) => match p.try_wait() {
+                Some(s) => exited_reply(s, false),
+                None => vec![REPLY_RUNNING],
+            },
+            None => error("no such backend".into()),
+        },
+        Some(&OP_STOP) => {
+            let grace = pid_at(5).map_or(STOP_GRACE, |ms| Duration::from_millis(ms.into()));
+            match pid_at(1).and_then(|pid| children.remove(&pid)) {
+                Some(mut p) => match p.stop(grace) {
+                    (Some(s), killed) => exited_reply(s, killed),
+                    (None, _) => error("lost track of the backend".into()),
+                },
+                None => error("no such backend".into()),
+            }
+        }
+        _ => error("unknown request".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROGRAMS: &[&str] = &["sh"];
+
+    #[test]
+    fn starts_reports_and_stops_only_what_it_may() {
+        let spawner = Spawner::start(PROGRAMS).unwrap();
+        let mut p = spawner
+            .spawn("sh", &["-c".into(), "exit 3".into()])
+            .unwrap();
+        let s = p.wait_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(s.code(), Some(3));
+        let mut q = spawner
+            .spawn("sh", &["-c".into(), "while :; do sleep 1; done".into()])
+            .unwrap();
+        assert!(q.try_wait().is_none());
+        let (status, killed) = q.stop(Duration::from_secs(10));
+        assert!(!killed);
+        assert_eq!(status.and_then(|s| s.signal()), Some(libc::SIGTERM));
+        assert!(matches!(
+            spawner.spawn("rm", &["-rf".into(), "/".into()]),
+            Err(ProcessError::Refused(_))
+        ));
+        // The spawner still answers after a refusal, and says when a program is missing.
+        let missing = Spawner::start(&["no-such-backend-anywhere"]).unwrap();
+        let Err(e) = missing.spawn("no-such-backend-anywhere", &[]) else {
+            panic!("started a program that does not exist");
+        };
+        assert!(e.to_string().contains("cannot find"), "{e}");
+    }
+
+    #[test]
+    fn its_backends_die_with_it() {
+        let spawner = Spawner::start(PROGRAMS).unwrap();
+        let mut p = spawner
+            .spawn("sh", &["-c".into(), "while :; do sleep 1; done".into()])
+            .unwrap();
+        // SAFETY: SIGKILL to the spawner, our child.
+        unsafe { libc::kill(spawner.pid(), libc::SIGKILL) };
+        // The backend's death signal fires; the pidfd says when it is gone (whoever reaps it).
+        let mut pfd = libc::pollfd {
+            fd: p.pidfd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        assert_eq!(ready, 1, "the backend outlived the spawner");
+        // Asking a dead spawner is an answer too, not a hang.
+        assert_eq!(p.stop(Duration::from_millis(100)), (None, false));
+    }
+}
