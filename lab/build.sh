@@ -191,7 +191,7 @@ lab_modules=(irqbypass kvm kvm_amd kvm_intel tun bridge veth vhost_net vhost_vso
     virtio_pci virtio_blk virtio_net virtio_console ext4 fuse virtiofs)
 # Third-party vhost-user backends cloister starts or tests against, from crates.io
 # (scripts/install-deps.sh installs them with cargo); in the lab they go to /usr/bin.
-cargo_backends=(virtiofsd vhost-device-rng vhost-device-vsock)
+cargo_backends=(virtiofsd vhost-device-rng vhost-device-vsock vhost-device-console)
 
 # The installed path of a cargo-installed backend.
 cargo_backend() {

@@ -16,8 +16,9 @@ packages=(
 )
 
 # Third-party vhost-user backends from crates.io, at the versions the tests were written
-# against: the Rust virtiofsd (managed --fs) and rust-vmm's rng and vsock backends.
-cargo_tools=(virtiofsd@1.14.0 vhost-device-rng@0.1.0 vhost-device-vsock@0.3.0)
+# against: the Rust virtiofsd (managed --fs) and rust-vmm's rng, vsock and console backends.
+cargo_tools=(virtiofsd@1.14.0 vhost-device-rng@0.1.0 vhost-device-vsock@0.3.0
+    vhost-device-console@0.1.0)
 
 install_cargo_tools() {
     local tool name

@@ -150,12 +150,16 @@ impl ScenarioOutcome {
         self
     }
 
-    /// A `key=value` field of the first console line that contains `tag`, e.g. the guest's
-    /// `CLOISTER-INFO cpus=2 ...` line.
+    /// A `key=value` field of the first console line that contains `tag` and the field, e.g.
+    /// the guest's `CLOISTER-INFO cpus=2 ...` line (a test may say `TAG a=1`, then `TAG b=2`).
     pub fn field(&self, tag: &str, key: &str) -> Option<&str> {
-        let line = self.console.lines().find(|l| l.contains(tag))?;
-        line.split_whitespace()
-            .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+        self.console
+            .lines()
+            .filter(|l| l.contains(tag))
+            .find_map(|line| {
+                line.split_whitespace()
+                    .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+            })
     }
 }
 

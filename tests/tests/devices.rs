@@ -189,6 +189,25 @@ fn scenarios() -> Vec<Scenario> {
             rm -rf "$t" "$RESULTS_DIR/d.img"
             "#,
         ),
+        // rust-vmm's console backend (its network mode: the guest's console reaches a TCP
+        // client on the lab host) as a generic device with four queues.
+        scenario(
+            "console",
+            r#"
+            vhost-device-console --socket-path="$RESULTS_DIR/con.sock" --backend network \
+                --tcp-port 12345 >"$RESULTS_DIR/console-backend.log" 2>&1 &
+            backend=$!
+            wait_socket "$RESULTS_DIR/con.sock0" || cat "$RESULTS_DIR/console-backend.log"
+            nc 127.0.0.1 12345 >"$RESULTS_DIR/from-guest.txt" 2>&1 &
+            client=$!
+            run vm "$BIN_DIR/cloister" --kernel "$GUEST_DIR/vmlinux" \
+                --initramfs "$GUEST_DIR/initramfs.cpio" --cmdline "$(guest_cmdline console)" \
+                --generic-vhost-user "device_type=console,socket=$RESULTS_DIR/con.sock0,queue_sizes=[128,128,128,128]"
+            sleep 1
+            mark host.got "$(tr -d '\r' <"$RESULTS_DIR/from-guest.txt" | head -n1)"
+            kill "$client" "$backend" 2>/dev/null
+            "#,
+        ),
         // A backend that accepts rings of at most 128 entries, offered 256: the start fails
         // with a message that names the fix, and the VM goes on and stops normally.
         scenario(
@@ -335,6 +354,16 @@ fn a_disk_a_share_an_rng_and_a_vsock_device_over_pci_and_mmio() {
 #[test]
 fn generic_vhost_user_devices_from_rust_vmm() {
     LAB.check("generic", |o| expect_all_devices(o, "alldevices"));
+}
+
+#[test]
+fn rust_vmm_console_backend_as_a_generic_device() {
+    LAB.check("console", |o| {
+        o.expect_mark("vm.rc", "0")
+            .expect_console("CLOISTER-GUEST-RESULT test=console rc=0")
+            .expect_console("CLOISTER-CONSOLE hvc0=written")
+            .expect_mark("host.got", "hello-from-hvc0");
+    });
 }
 
 #[test]

@@ -230,6 +230,20 @@ fn an_operator_disk_added_and_removed_100_times_leaves_nothing_behind() {
 }
 
 #[test]
+fn a_managed_disk_added_to_a_vm_that_started_without_one() {
+    if !ready("a_managed_disk_added_to_a_vm_that_started_without_one") {
+        return;
+    }
+    let dir = fresh_dir("host-devices-first");
+    let runtime = fresh_dir("host-devices-first-run");
+    let hot = image(&dir, "hot.img");
+    let mut vm = Vm::start(&runtime, &[], &format!("--disk path={hot}*3"));
+    let report = vm.wait_line("rounds:", Duration::from_secs(120));
+    expect_nothing_left(&report, 3);
+    assert_eq!(vm.stop(), Ok(143));
+}
+
+#[test]
 fn a_device_that_cannot_be_added_is_refused_and_changes_nothing() {
     if !ready("a_device_that_cannot_be_added_is_refused_and_changes_nothing") {
         return;

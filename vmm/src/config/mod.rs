@@ -91,11 +91,12 @@ pub struct Cli {
     #[arg(long, value_name = "src=FILE|socket=PATH")]
     pub rng: Option<String>,
 
-    /// A virtio-vsock device with guest CID N, served by vhost-device-vsock, which cloister
-    /// starts: host programs connect to the unix socket PATH and send "CONNECT <port>\n" to
-    /// reach a guest port; guest connections to host port P go to "PATH_P" (the hybrid vsock
-    /// of Cloud Hypervisor and Firecracker). "backend_socket=PATH" connects to a vsock backend
-    /// someone else started instead.
+    /// A virtio-vsock device with guest CID N (3 or more), served by vhost-device-vsock, which
+    /// cloister starts: host programs connect to the unix socket PATH and send
+    /// "CONNECT <port>\n" to reach a guest port; guest connections to host port P go to
+    /// "PATH_P" (the hybrid vsock of Cloud Hypervisor and Firecracker; unlike Cloud
+    /// Hypervisor's, the answer is "OK <guest port>"). For a vsock backend you run yourself,
+    /// use --generic-vhost-user device_type=vsock.
     #[arg(long, value_name = "cid=N,socket=PATH")]
     pub vsock: Option<String>,
 

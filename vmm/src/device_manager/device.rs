@@ -11,6 +11,7 @@ use crate::kinds::{Arg, Backend, DeviceSpec};
 use crate::layout::VirtioMmioSlot;
 use crate::supervisor::{self, SpawnedProcess};
 use crate::vhost_user::control::Failures;
+use crate::virtio::driver_log::DriverLog;
 use crate::virtio::VirtioTransport;
 
 /// Where a device is plugged in.
@@ -39,6 +40,9 @@ pub struct Device {
     pub process_watched: bool,
     pub plugged: Option<Plugged>,
     pub failed: bool,
+    /// Failures after the first: a guest resetting and restarting a broken device in a loop
+    /// causes one each time, so only the first few are shown.
+    pub later_failures: DriverLog,
 }
 
 impl Device {
@@ -68,6 +72,16 @@ impl Device {
         }
     }
 
+    /// [`Device::fail`], or, if the device had failed already, just the line: once per
+    /// backend socket or process, so never a flood.
+    pub fn report(&mut self, what: &str) {
+        if self.failed {
+            eprintln!("cloister: {}: {what}", self.label());
+        } else {
+            self.fail(what);
+        }
+    }
+
     /// The managed backend's arguments, with its socket path filled in.
     pub fn backend_args(&self) -> Vec<OsString> {
         let Backend::Managed(profile) = &self.spec.backend else {
@@ -89,7 +103,8 @@ impl Device {
     }
 
     /// Stops a managed backend (SIGTERM, then SIGKILL) and reaps it, saying how it ended if
-    /// that is news.
+    /// that is news: killed, or dead of a signal other than ours (an exit status is not: we
+    /// have ended its connection, and some backends, virtiofsd among them, exit 1 then).
     pub fn stop_backend(&mut self) {
         let label = self.label();
         let failed = self.failed;
@@ -99,8 +114,10 @@ impl Device {
         let (status, killed) = p.stop(supervisor::process::STOP_GRACE);
         if killed {
             eprintln!("cloister: {label}: backend ignored SIGTERM and was killed");
-        } else if let Some(s) = status.filter(|s| !s.success() && !failed) {
-            if std::os::unix::process::ExitStatusExt::signal(&s) != Some(libc::SIGTERM) {
+        } else if let Some(s) = status.filter(|_| !failed) {
+            if std::os::unix::process::ExitStatusExt::signal(&s)
+                .is_some_and(|sig| sig != libc::SIGTERM)
+            {
                 eprintln!(
                     "cloister: {label}: backend exited with {}",
                     supervisor::describe(s)

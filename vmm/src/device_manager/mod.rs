@@ -34,6 +34,7 @@ use crate::layout::VirtioMmioSlot;
 use crate::memory::GuestMemoryMmap;
 use crate::supervisor::{self, ProcessError, RuntimeDir, SpawnedProcess, Spawner};
 use crate::vhost_user::connection::ConnectionError;
+use crate::virtio::driver_log::DriverLog;
 use crate::virtio::mmio_transport::MmioTransportError;
 use crate::virtio::pci_transport::PciTransportError;
 use crate::vm_ops::VmOps;
@@ -167,7 +168,8 @@ pub struct DeviceManager {
 
 impl DeviceManager {
     /// Names every device and starts the backend of every managed one. Ids were checked for
-    /// duplicates with the options.
+    /// duplicates with the options. The runtime directory is made now, whatever the devices:
+    /// once the sandbox is up, none can be made for a managed device added later.
     pub fn new(specs: &[DeviceSpec], spawner: Arc<Spawner>) -> Result<Self, DeviceManagerError> {
         let mut manager = DeviceManager {
             devices: Vec::with_capacity(specs.len()),
@@ -176,7 +178,7 @@ impl DeviceManager {
             next_serial: 0,
             buses: None,
             closed: false,
-            runtime_dir: None,
+            runtime_dir: Some(RuntimeDir::create().map_err(DeviceManagerError::RuntimeDir)?),
         };
         for spec in specs {
             let device = manager.launch(spec.clone())?;
@@ -211,18 +213,16 @@ impl DeviceManager {
         };
         let socket_path = match &spec.backend {
             Backend::Socket(p) => p.clone(),
-            Backend::Managed(_) => {
-                let dir = match &self.runtime_dir {
-                    Some(d) => d,
-                    None => self
-                        .runtime_dir
-                        .insert(RuntimeDir::create().map_err(DeviceManagerError::RuntimeDir)?),
-                };
-                dir.path().join(format!("{id}.sock"))
-            }
+            Backend::Managed(_) => self
+                .runtime_dir
+                .as_ref()
+                .ok_or(DeviceManagerError::Closed)?
+                .path()
+                .join(format!("{id}.sock")),
         };
         let serial = self.next_serial;
         self.next_serial += 1;
+        let id_for_log = id.clone();
         let mut device = Device {
             serial,
             id,
@@ -233,6 +233,7 @@ impl DeviceManager {
             process_watched: false,
             plugged: None,
             failed: false,
+            later_failures: DriverLog::new(&id_for_log),
         };
         if let Backend::Managed(profile) = &device.spec.backend {
             let args: Vec<OsString> = device.backend_args();
@@ -348,7 +349,7 @@ impl DeviceManager {
             .ok_or(DeviceManagerError::Closed)
     }
 
-    /// The directory of managed backends' sockets, once there is one.
+    /// The directory of managed backends' sockets, until the VM stops.
     pub fn runtime_dir(&self) -> Option<PathBuf> {
         self.runtime_dir.as_ref().map(|d| d.path().to_path_buf())
     }
@@ -402,18 +403,34 @@ impl DeviceManager {
         let Some(d) = self.devices.iter_mut().find(|d| d.serial == serial) else {
             return;
         };
+        // What the device's control thread said comes first: a backend that refuses a request
+        // often hangs up right after, and the refusal is the news.
+        let said = d
+            .plugged
+            .as_ref()
+            .map(|p| p.failures.take())
+            .unwrap_or_default();
+        for what in said {
+            if d.failed {
+                d.later_failures.say(format_args!("{what}"));
+            } else {
+                d.fail(&what);
+            }
+        }
         match watch {
+            Watch::Failure(_) => {}
             Watch::Socket(_) => {
                 // Poll reports a hang-up until the descriptor goes: stop watching it.
                 d.socket = None;
                 let exited = d.process.as_mut().and_then(|p| p.wait_timeout(EXIT_GRACE));
-                match exited {
+                let what = match exited {
                     Some(s) => {
                         d.process_watched = false;
-                        d.fail(&format!("backend exited with {}", supervisor::describe(s)));
+                        format!("backend exited with {}", supervisor::describe(s))
                     }
-                    None => d.fail("backend disconnected"),
-                }
+                    None => "backend disconnected".to_string(),
+                };
+                d.report(&what);
             }
             Watch::Process(_) => {
                 d.process_watched = false;
@@ -422,27 +439,8 @@ impl DeviceManager {
                     Some(s) => format!("backend exited with {}", supervisor::describe(s)),
                     None => "backend exited".to_string(),
                 };
-                if d.failed {
-                    // Already reported as a disconnection; how it ended is still worth a line.
-                    eprintln!("cloister: {}: {what}", d.label());
-                } else {
-                    d.fail(&what);
-                }
-            }
-            Watch::Failure(_) => {
-                let said = d
-                    .plugged
-                    .as_ref()
-                    .map(|p| p.failures.take())
-                    .unwrap_or_default();
-                for what in said {
-                    // The first failure marks the device; later ones are still news.
-                    if d.failed {
-                        eprintln!("cloister: {}: {what}", d.label());
-                    } else {
-                        d.fail(&what);
-                    }
-                }
+                // Perhaps reported as a disconnection already; how it ended is still worth a line.
+                d.report(&what);
             }
         }
     }

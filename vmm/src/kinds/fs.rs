@@ -94,6 +94,11 @@ pub fn parse(value: &str, seccomp: SeccompMode) -> Result<DeviceSpec, OptionErro
             if readonly == Some(true) {
                 args.push(Arg::plain("--readonly"));
             }
+            // virtiofsd keeps a descriptor per inode it knows and asks for a million; where the
+            // hard limit is lower it says so at every start. Ask for what it can get.
+            if let Some(limit) = open_files_hard_limit() {
+                args.push(Arg::plain(format!("--rlimit-nofile={limit}")));
+            }
             Backend::Managed(SpawnProfile {
                 program: "virtiofsd".into(),
                 args,
@@ -127,6 +132,17 @@ pub fn parse(value: &str, seccomp: SeccompMode) -> Result<DeviceSpec, OptionErro
         ],
         transport: common.transport,
     })
+}
+
+/// The hard limit on open files, which a backend inherits and may raise its soft limit to.
+fn open_files_hard_limit() -> Option<u64> {
+    // SAFETY: getrlimit writes into the struct we pass.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to an rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    (limit.rlim_max != libc::RLIM_INFINITY).then_some(limit.rlim_max)
 }
 
 pub struct Fs {

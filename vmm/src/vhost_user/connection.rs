@@ -418,6 +418,20 @@ impl Connection {
         self.call("SET_VRING_ENABLE", |f| f.set_vring_enable(i, true))
     }
 
+    /// A round trip: a backend handles requests in order, so once it answers, it has handled
+    /// every request before. Requests are acknowledged one by one under REPLY_ACK; without it,
+    /// this is how we know the rings are enabled before we kick them.
+    pub fn barrier(&mut self) -> Result<(), ConnectionError> {
+        if self
+            .negotiated
+            .protocol
+            .contains(VhostUserProtocolFeatures::REPLY_ACK)
+        {
+            return Ok(());
+        }
+        self.call("GET_FEATURES", |f| f.get_features()).map(|_| ())
+    }
+
     /// GET_VRING_BASE: the backend stops the ring and says where it stopped.
     pub fn stop_vring(&mut self, index: usize) -> Result<u32, ConnectionError> {
         self.call("GET_VRING_BASE", |f| f.get_vring_base(index))

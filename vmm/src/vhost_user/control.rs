@@ -218,13 +218,22 @@ impl Owner {
                 })?;
                 started.push(ring.index);
             }
-            Ok(())
+            conn.barrier()
         });
         if let Err(e) = r {
             self.fail(format!(
                 "cannot start the device: {}",
                 crate::error_chain(&e)
             ));
+            return;
+        }
+        // A driver may kick before DRIVER_OK (virtio-rng queues its one request in probe), and
+        // a backend that sees the kick before SET_VRING_ENABLE consumes it and drops it
+        // (vhost-user-backend does): with one request outstanding, the queue would wait for
+        // ever. A kick now, once the backend has handled the enables (the barrier above), costs
+        // it one look at its rings.
+        for ring in rings {
+            let _ = ring.kick.write(1);
         }
     }
 

@@ -1,0 +1,94 @@
+# Runs inside the lab (bench/fs prepends reps=, secs= and files=). The guest's fsbench test (fio
+# on a virtio-fs share, then a metadata job) through (a) cloister over virtio-pci and (b) QEMU
+# 10 (q35, vhost-user-fs-pci), both against the same Rust virtiofsd started the same way
+# (--cache=never, so every read and write crosses the device), same guest kernel and initramfs,
+# 1 vCPU, 1 GiB, one request queue of 1024. Runs alternate; only the ratios of the medians mean
+# anything in the lab.
+share=/tmp/bench-share
+mkdir -p "$share"
+cmdline=$(guest_cmdline fsbench "cloister.fsbench_secs=$secs" "cloister.fsbench_files=$files")
+initramfs=$GUEST_DIR/initramfs-tools.cpio
+out=$RESULTS_DIR
+run_limit=$((180 + 8 * secs + files / 5))
+
+# daemon: a fresh virtiofsd on $out/vfs.sock; sets $vfs.
+daemon() {
+    rm -f "$out/vfs.sock"
+    virtiofsd --socket-path="$out/vfs.sock" --shared-dir="$share" --cache=never \
+        --log-level=error >"$out/virtiofsd.log" 2>&1 &
+    vfs=$!
+    wait_socket "$out/vfs.sock" || cat "$out/virtiofsd.log"
+}
+
+# finish LOG: waits for the VM ($vm) at most run_limit seconds, then stops the daemon.
+finish() {
+    t=0
+    while kill -0 "$vm" 2>/dev/null && [ "$t" -lt "$run_limit" ]; do sleep 1; t=$((t + 1)); done
+    if kill -0 "$vm" 2>/dev/null; then
+        echo "!! $(basename "$1"): still running after $run_limit s, killed"
+        kill -9 "$vm"
+    fi
+    wait "$vm"
+    kill "$vfs" 2>/dev/null
+    wait "$vfs" 2>/dev/null
+}
+
+cloister_run() {
+    daemon
+    "$BIN_DIR/cloister" --kernel "$GUEST_DIR/vmlinux" --initramfs "$initramfs" --cmdline "$cmdline" \
+        --cpus boot=1 --memory size=1G --fs "tag=bench,socket=$out/vfs.sock,queue_size=1024" \
+        --serial "file=$1" >"$1.vmm" 2>&1 &
+    vm=$!
+    finish "$1"
+}
+
+qemu_run() {
+    daemon
+    qemu-system-x86_64 -accel kvm -cpu host -M q35,memory-backend=mem \
+        -object memory-backend-memfd,id=mem,size=1G,share=on -m 1G -smp 1 \
+        -nodefaults -no-reboot -nographic -serial "file:$1" \
+        -chardev "socket,id=vfs,path=$out/vfs.sock" \
+        -device vhost-user-fs-pci,chardev=vfs,tag=bench,queue-size=1024 \
+        -kernel "$GUEST_DIR/bzImage" -initrd "$initramfs" -append "$cmdline" >"$1.vmm" 2>&1 &
+    vm=$!
+    finish "$1"
+}
+
+rep=1
+while [ $rep -le "$reps" ]; do
+    cloister_run "$out/cloister.$rep.log"
+    qemu_run "$out/qemu.$rep.log"
+    for v in cloister qemu; do
+        echo "run $rep $v: $(grep -c CLOISTER-FSBENCH "$out/$v.$rep.log") results"
+        grep "CLOISTER-FSBENCH" "$out/$v.$rep.log" | tr -d '\r' | sed 's/^/   /'
+    done
+    rep=$((rep + 1))
+done
+
+for f in "$out"/cloister.*.log "$out"/qemu.*.log; do
+    v=$(basename "$f" | cut -d. -f1)
+    grep "CLOISTER-FSBENCH job=" "$f" | tr -d '\r' | awk -v v="$v" '{
+        for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
+        print v, f["job"], f["iops"]
+    }'
+done >"$out/samples"
+
+echo "== guest on a virtio-fs share in the lab: cloister vs QEMU, the same virtiofsd"
+echo "   (ratio of median operations a second over $reps runs each, alternating; >1: cloister faster)"
+awk '
+    { n[$1, $2]++; v[$1, $2, n[$1, $2]] = $3; if (!($2 in seen)) { seen[$2] = 1; order[++jobs] = $2 } }
+    function median(vmm, job,   k, i, j, t, a) {
+        k = n[vmm, job]
+        for (i = 1; i <= k; i++) a[i] = v[vmm, job, i] + 0
+        for (i = 2; i <= k; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+        return k == 0 ? 0 : (k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2)
+    }
+    END {
+        for (i = 1; i <= jobs; i++) {
+            c = median("cloister", order[i]); q = median("qemu", order[i])
+            r = (q > 0) ? sprintf("%.2f", c / q) : "na"
+            printf "   %-12s cloister %10.1f   qemu %10.1f   cloister/qemu %s\n", order[i], c, q, r
+            printf "@@CLOISTER-MARK ratio.%s=%s@@\n", order[i], r
+        }
+    }' "$out/samples"
+rm -rf "$share"

@@ -1,1 +1,0 @@
-//! The virtio-fs device and its integration with virtiofsd.
