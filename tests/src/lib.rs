@@ -16,6 +16,7 @@
 
 pub mod artifacts;
 pub mod binaries;
+pub mod host;
 pub mod lab;
 pub mod outcome;
 pub mod payload;

@@ -76,21 +76,21 @@ fn all_devices(name: &str, transport: &str) -> Scenario {
         name,
         &format!(
             r#"
-            t=$(share_dir tools)
+            tools=$(share_dir tools)
             truncate -s 64M "$RESULTS_DIR/d.img"
             host_vsock_serve "$RESULTS_DIR/v.sock_5678"
             INITRAMFS="$GUEST_DIR/initramfs-tools.cpio"
             cloister_bg "$RESULTS_DIR/vm.log" alldevices \
                 --disk "path=$RESULTS_DIR/d.img,transport={transport}" \
-                --fs "tag=tools,path=$t,transport={transport}" \
+                --fs "tag=tools,path=$tools,transport={transport}" \
                 --rng "src=/dev/urandom,transport={transport}" \
                 --vsock "cid=3,socket=$RESULTS_DIR/v.sock,transport={transport}"
             wait_vm_exit 1800
             vsock_marks
-            mark from_host "$(sha256sum <"$t/from-host" | cut -d' ' -f1)"
+            mark from_host "$(sha256sum <"$tools/from-host" | cut -d' ' -f1)"
             echo "--- cloister ---"; cat "$RESULTS_DIR/vm.log"
             echo "--- guest ---"; cat "$RESULTS_DIR/console.log"
-            rm -rf "$t" "$RESULTS_DIR/d.img"
+            rm -rf "$tools" "$RESULTS_DIR/d.img"
             "#
         ),
     )
@@ -144,10 +144,10 @@ fn scenarios() -> Vec<Scenario> {
         scenario(
             "vsock",
             r#"
-            t=$(share_dir tools)
+            tools=$(share_dir tools)
             host_vsock_serve "$RESULTS_DIR/v.sock_5678"
             INITRAMFS="$GUEST_DIR/initramfs-tools.cpio"
-            cloister_bg "$RESULTS_DIR/vm.log" vsock --fs "tag=tools,path=$t" \
+            cloister_bg "$RESULTS_DIR/vm.log" vsock --fs "tag=tools,path=$tools" \
                 --vsock "cid=3,socket=$RESULTS_DIR/v.sock"
             if wait_for "$RESULTS_DIR/console.log" "CLOISTER-VSOCK listening" 1200; then
                 "$BIN_DIR/vsock-probe" host-connect "$RESULTS_DIR/v.sock" 1234 from-host \
@@ -159,7 +159,7 @@ fn scenarios() -> Vec<Scenario> {
             vsock_marks
             echo "--- cloister ---"; cat "$RESULTS_DIR/vm.log"
             echo "--- guest ---"; cat "$RESULTS_DIR/console.log"
-            rm -rf "$t"
+            rm -rf "$tools"
             "#,
         ),
         all_devices("all-pci", "pci"),
@@ -168,7 +168,7 @@ fn scenarios() -> Vec<Scenario> {
         scenario(
             "generic",
             r#"
-            t=$(share_dir tools)
+            tools=$(share_dir tools)
             truncate -s 64M "$RESULTS_DIR/d.img"
             vhost-device-rng --socket-path="$RESULTS_DIR/rng.sock" >"$RESULTS_DIR/rng.log" 2>&1 &
             vhost-device-vsock --guest-cid=3 --socket="$RESULTS_DIR/vsock.sock" \
@@ -178,15 +178,15 @@ fn scenarios() -> Vec<Scenario> {
             host_vsock_serve "$RESULTS_DIR/v.sock_5678"
             INITRAMFS="$GUEST_DIR/initramfs-tools.cpio"
             cloister_bg "$RESULTS_DIR/vm.log" alldevices \
-                --disk "path=$RESULTS_DIR/d.img" --fs "tag=tools,path=$t" \
+                --disk "path=$RESULTS_DIR/d.img" --fs "tag=tools,path=$tools" \
                 --generic-vhost-user "device_type=rng,socket=$RESULTS_DIR/rng.sock0,queue_sizes=[1024]" \
                 --generic-vhost-user "device_type=vsock,socket=$RESULTS_DIR/vsock.sock,queue_sizes=[256,256,256],id=vs"
             wait_vm_exit 1800
             vsock_marks
-            mark from_host "$(sha256sum <"$t/from-host" | cut -d' ' -f1)"
+            mark from_host "$(sha256sum <"$tools/from-host" | cut -d' ' -f1)"
             echo "--- cloister ---"; cat "$RESULTS_DIR/vm.log"
             echo "--- guest ---"; cat "$RESULTS_DIR/console.log"
-            rm -rf "$t" "$RESULTS_DIR/d.img"
+            rm -rf "$tools" "$RESULTS_DIR/d.img"
             "#,
         ),
         // rust-vmm's console backend (its network mode: the guest's console reaches a TCP

@@ -8,47 +8,13 @@
 //! been built next to cloister (`cargo build --workspace`).
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use harness::host::{backend_bin, fresh_dir, image, ready};
 use harness::payload::{self, Payload};
-
-fn ready(test: &str) -> bool {
-    if !Path::new("/dev/kvm").exists() {
-        if std::env::var("CLOISTER_SKIP_KVM").is_ok_and(|v| v == "1") {
-            eprintln!("SKIP {test}: /dev/kvm is missing and CLOISTER_SKIP_KVM=1");
-            return false;
-        }
-        panic!("/dev/kvm is missing: these tests need KVM (set CLOISTER_SKIP_KVM=1 to skip them)");
-    }
-    let backend = backend_bin();
-    if !backend.is_file() {
-        eprintln!("SKIP {test}: {} is not built", backend.display());
-        return false;
-    }
-    true
-}
-
-fn backend_bin() -> PathBuf {
-    payload::cloister_bin().with_file_name("vhost-user-blk")
-}
-
-fn fresh_dir(name: &str) -> PathBuf {
-    let dir = payload::scratch_dir().join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create test directory");
-    dir
-}
-
-fn image(dir: &Path, name: &str) -> String {
-    let path = dir.join(name);
-    std::fs::File::create(&path)
-        .and_then(|f| f.set_len(16 << 20))
-        .expect("create image");
-    path.to_str().expect("utf-8 path").to_string()
-}
 
 /// cloister running the halting payload with `args`, its stderr read line by line.
 struct Vm {

@@ -139,14 +139,7 @@ impl ManagedProcess {
         if let Some(s) = self.try_wait() {
             return Some(s);
         }
-        let mut p = libc::pollfd {
-            fd: self.pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd. EINTR just means we look again below.
-        unsafe { libc::poll(&mut p, 1, ms) };
+        wait_pidfd(self.pidfd.as_raw_fd(), timeout);
         self.try_wait()
     }
 
@@ -288,6 +281,19 @@ fn signal_name(sig: i32) -> &'static str {
         libc::SIGSYS => "SIGSYS, a seccomp violation",
         _ => "unknown signal",
     }
+}
+
+/// Waits up to `timeout` for the process behind `pidfd` to exit (the caller then looks at its
+/// status; an interrupted wait just means it looks sooner).
+pub(crate) fn wait_pidfd(pidfd: RawFd, timeout: Duration) {
+    let mut p = libc::pollfd {
+        fd: pidfd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, ms) };
 }
 
 pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {

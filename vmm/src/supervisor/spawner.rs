@@ -239,14 +239,7 @@ impl SpawnedProcess {
         if let Some(s) = self.try_wait() {
             return Some(s);
         }
-        let mut p = libc::pollfd {
-            fd: self.pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd. EINTR just means we look again below.
-        unsafe { libc::poll(&mut p, 1, ms) };
+        process::wait_pidfd(self.pidfd.as_raw_fd(), timeout);
         self.try_wait()
     }
 
