@@ -78,7 +78,7 @@ fn scenarios() -> Vec<Scenario> {
                     -object memory-backend-memfd,id=mem,size=512M,share=on \
                     -machine memory-backend=mem \
                     -chardev "socket,id=blk0,path=$RESULTS_DIR/ours.sock" \
-                    -device vhost-user-blk-device,chardev=blk0 \
+                    -device vhost-user-blk,chardev=blk0 \
                     -initrd "$GUEST_DIR/initramfs.cpio" -append "$(guest_cmdline blk)"
                 mark_image_sums vda "$img"
                 kill -TERM "$backend"

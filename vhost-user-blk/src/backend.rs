@@ -138,7 +138,7 @@ impl BlkDevice {
             });
         }
         log::info!(
-            "image {}: {} bytes{}{}, block size {block_size}, {} queue(s) of up to {} entries on {} thread(s), {:?} engine, polling up to {} µs",
+            "image {}: {} bytes{}{}, block size {block_size}, {} queue(s) with up to {} requests in flight each on {} thread(s), {:?} engine, polling up to {} µs",
             config.image.display(),
             disk.capacity(),
             if config.readonly { ", read-only" } else { "" },
