@@ -59,8 +59,15 @@ while [ $rep -le "$reps" ]; do
     cloister_run "$out/cloister.$rep.log"
     qemu_run "$out/qemu.$rep.log"
     for v in cloister qemu; do
-        echo "run $rep $v: $(grep -c CLOISTER-FSBENCH "$out/$v.$rep.log") results"
+        n=$(grep -c CLOISTER-FSBENCH "$out/$v.$rep.log")
+        echo "run $rep $v: $n results"
         grep "CLOISTER-FSBENCH" "$out/$v.$rep.log" | tr -d '\r' | sed 's/^/   /'
+        if [ "$n" = 0 ]; then
+            echo "   !! no results; the VMM said:"
+            sed 's/^/   !!   /' "$out/$v.$rep.log.vmm"
+            echo "   !! and the console ended with:"
+            tail -n 8 "$out/$v.$rep.log" | tr -d '\r' | sed 's/^/   !!   /'
+        fi
     done
     rep=$((rep + 1))
 done
