@@ -337,7 +337,6 @@ fn vmm_main() -> Vec<Rule> {
         allow_values(SYS_ioctl, 1, &[kvm::ioeventfd(), kvm::irqfd(), kvm::set_gsi_routing()], "devices are unwired from KVM as they are dropped"),
         allow_values(SYS_tgkill, 2, &[kick], "kicks the vCPU threads out of KVM_RUN with the kick signal, and nothing else"),
         allow(SYS_getpid, "glibc's pthread_kill asks for the pid it passes to tgkill"),
-        allow(SYS_wait4, "reaps the spawner process when the VM ends (the spawner reaps the backends)"),
         allow(SYS_shutdown, "ends the backend connections when the VM stops, and one that went bad"),
         allow_if(SYS_openat, vec![has_bits(2, O_DIRECTORY as u64)], "opens the runtime directory to remove it at exit: directories only (O_DIRECTORY), and Landlock limits them to that one"),
         allow(SYS_getdents64, "lists the runtime directory to remove it"),
@@ -358,6 +357,7 @@ fn vmm_vcpu() -> Vec<Rule> {
         allow_values(SYS_fcntl, 1, &[F_GETFD as u64, F_DUPFD_CLOEXEC as u64], "duplicates the eventfds a device start hands to the backend"),
         allow(SYS_close, "eventfds dropped on a device reset"),
         allow(SYS_read, "eventfds, when an interrupt has to be delivered the slow way"),
+        allow(SYS_shutdown, "a device removed while this vCPU was in one of its registers is dropped here: its connection is shut down"),
         allow(SYS_poll, "the guest reads MSI-X pending bits: whether a masked vector's eventfd was signalled (zero timeout)"),
         allow(SYS_ppoll, "poll on libcs that implement it with ppoll"),
     ]
@@ -390,10 +390,8 @@ fn vmm_hotplug() -> Vec<Rule> {
         allow(SYS_read, "the spawner's replies"),
         allow(SYS_close, "descriptors of removed devices and failed connections"),
         allow(SYS_eventfd2, "a new device's notification, interrupt and failure eventfds"),
-        allow_values(SYS_fcntl, 1, &[F_GETFD as u64, F_SETFD as u64, F_GETFL as u64, F_SETFL as u64, F_DUPFD_CLOEXEC as u64], "descriptor flags and duplicates"),
+        allow_values(SYS_fcntl, 1, &[F_GETFD as u64, F_DUPFD_CLOEXEC as u64], "duplicates of a new connection's socket; std checks descriptors it closes (debug builds)"),
         allow_values(SYS_ioctl, 1, &[FIONBIO], "a connected socket is made blocking again (std's set_nonblocking)"),
-        allow(SYS_poll, "waits for a removed managed backend to exit"),
-        allow(SYS_ppoll, "poll on libcs that implement it with ppoll"),
         allow(SYS_pidfd_open, "watches a new managed backend's exit"),
         allow_values(SYS_ioctl, 1, &[kvm::ioeventfd(), kvm::irqfd(), kvm::set_gsi_routing()], "a removed device's notifications and interrupts are unwired from KVM"),
         allow(SYS_unlink, "removes a removed managed backend's socket file (Landlock: the runtime directory only)"),
@@ -702,7 +700,7 @@ mod tests {
         // the device control threads'.
         assert_none_allows(
             &[ThreadRole::VmmVcpu],
-            &[libc::SYS_sendmsg, libc::SYS_recvmsg, libc::SYS_shutdown],
+            &[libc::SYS_sendmsg, libc::SYS_recvmsg],
         );
     }
 

@@ -259,12 +259,6 @@ impl Vm {
         };
         acpi::create_tables(&ram.memory, &platform).map_err(VmError::from)?;
 
-        // Devices come and go from here on through the hot-plug thread.
-        let rules = devices.landlock_rules();
-        let devices = Arc::new(Mutex::new(devices));
-        let hotplug = hotplug::start(devices.clone(), rules)
-            .map_err(|e| VmError::Io("start the hot-plug thread", e))?;
-
         let msrs = msrs::boot_msrs().map_err(|e| VmError::Fam("MSR", e))?;
         let mut vcpus = Vec::with_capacity(vcpu_count);
         for index in 0..vcpu_count {
@@ -276,6 +270,14 @@ impl Vm {
             vcpu.configure(&cpuid, &msrs, boot).map_err(VmError::from)?;
             vcpus.push(vcpu);
         }
+
+        // Devices come and go from here on through the hot-plug thread; started last, so that
+        // no failure above leaves it holding the device manager (whose last owner must be
+        // this thread, which may remove the runtime directory).
+        let rules = devices.landlock_rules();
+        let devices = Arc::new(Mutex::new(devices));
+        let hotplug = hotplug::start(devices.clone(), rules)
+            .map_err(|e| VmError::Io("start the hot-plug thread", e))?;
 
         Ok(Vm {
             _kvm: kvm,
@@ -503,6 +505,15 @@ impl Vm {
                 }
             }
         }
+    }
+}
+
+impl Drop for Vm {
+    /// The backends, the spawner and the runtime directory go with the VM, from this thread,
+    /// whatever path ended it: the hot-plug thread, which may hold the manager longer, may not
+    /// remove files or reap processes.
+    fn drop(&mut self) {
+        self.devices().shutdown();
     }
 }
 

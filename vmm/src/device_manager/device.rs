@@ -67,6 +67,12 @@ impl Device {
         }
         self.failed = true;
         eprintln!("cloister: {}: {why}", self.label());
+        self.mark_broken();
+    }
+
+    /// Tells the device its backend is gone or broken: it needs a reset (a no-op if it says so
+    /// already).
+    pub fn mark_broken(&self) {
         if let Some(p) = &self.plugged {
             p.transport.backend_lost();
         }

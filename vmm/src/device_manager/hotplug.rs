@@ -101,8 +101,14 @@ fn add(manager: &Mutex<DeviceManager>, spec: DeviceSpec) -> Result<DeviceInfo, D
         let memory = m.memory()?;
         (m.launch(spec)?, memory)
     };
-    let connected = plug::connect(device, &memory)?;
-    lock(manager).place(connected)
+    // A managed backend that is stopped because the add failed leaves its socket file.
+    let leftover = matches!(device.spec.backend, crate::kinds::Backend::Managed(_))
+        .then(|| device.socket_path.clone());
+    let added = plug::connect(device, &memory).and_then(|c| lock(manager).place(c));
+    if let (Err(_), Some(path)) = (&added, leftover) {
+        let _ = std::fs::remove_file(path);
+    }
+    added
 }
 
 fn remove(manager: &Mutex<DeviceManager>, id: &str) -> Result<(), DeviceManagerError> {

@@ -38,6 +38,7 @@ use crate::virtio::driver_log::DriverLog;
 use crate::virtio::mmio_transport::MmioTransportError;
 use crate::virtio::pci_transport::PciTransportError;
 use crate::vm_ops::VmOps;
+use vmm_sys_util::eventfd::EventFd;
 
 /// How long a backend's socket may take to appear and accept.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,6 +50,8 @@ const EXIT_GRACE: Duration = Duration::from_millis(500);
 pub enum DeviceManagerError {
     #[error("cannot create a directory for backend sockets")]
     RuntimeDir(#[source] io::Error),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] io::Error),
     #[error("{0}")]
     Spawn(String, #[source] ProcessError),
     #[error("{0}")]
@@ -65,6 +68,8 @@ pub enum DeviceManagerError {
     Failures(String, #[source] io::Error),
     #[error("a device with id '{0}' exists already")]
     DuplicateId(String),
+    #[error("{0} is taken by another device")]
+    DuplicateKey(String),
     #[error("no device with id '{0}'")]
     NoSuchDevice(String),
     #[error("{0}: virtio-mmio devices are described to the guest at boot; only PCI devices can be added to a running VM")]
@@ -133,6 +138,8 @@ pub struct Buses {
 /// Something the main loop waits for, on the device with that serial.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Watch {
+    /// A device came or went: what to watch has changed.
+    Changed,
     /// Its backend's socket hung up.
     Socket(u64),
     /// Its managed backend process exited.
@@ -161,6 +168,9 @@ pub struct DeviceManager {
     buses: Option<Buses>,
     /// Set when the VM stops: nothing more is added.
     closed: bool,
+    /// Signalled when a device comes or goes, so the main loop, asleep in poll(2) on the old
+    /// list, looks again.
+    changed: EventFd,
     /// Dropped after `devices` (field order), so processes are stopped before their sockets'
     /// directory goes.
     runtime_dir: Option<RuntimeDir>,
@@ -178,6 +188,7 @@ impl DeviceManager {
             next_serial: 0,
             buses: None,
             closed: false,
+            changed: EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?,
             runtime_dir: Some(RuntimeDir::create().map_err(DeviceManagerError::RuntimeDir)?),
         };
         for spec in specs {
@@ -211,6 +222,15 @@ impl DeviceManager {
             Some(id) => id.clone(),
             None => self.default_id(spec.kind.kind_name()),
         };
+        if let Some(key) = spec.kind.unique_key() {
+            let taken = self.devices.iter().any(|d| {
+                d.spec.kind.kind_name() == spec.kind.kind_name()
+                    && d.spec.kind.unique_key().as_ref() == Some(&key)
+            });
+            if taken {
+                return Err(DeviceManagerError::DuplicateKey(key));
+            }
+        }
         let socket_path = match &spec.backend {
             Backend::Socket(p) => p.clone(),
             Backend::Managed(_) => self
@@ -307,6 +327,7 @@ impl DeviceManager {
         let device = plug::place(c, buses)?;
         let info = info(&device);
         self.devices.push(device);
+        let _ = self.changed.write(1);
         Ok(info)
     }
 
@@ -328,6 +349,7 @@ impl DeviceManager {
                 }
             }
         }
+        let _ = self.changed.write(1);
         Ok(Unplugged { device, plugged })
     }
 
@@ -376,7 +398,7 @@ impl DeviceManager {
 
     /// Descriptors for the main loop to poll, with poll(2) event bits.
     pub fn watches(&self) -> Vec<(RawFd, libc::c_short, Watch)> {
-        let mut v = Vec::new();
+        let mut v = vec![(self.changed.as_raw_fd(), libc::POLLIN, Watch::Changed)];
         for d in &self.devices {
             if let Some(s) = &d.socket {
                 // Hang-up only: replies to requests are read by whoever made them.
@@ -398,6 +420,10 @@ impl DeviceManager {
 
     pub fn on_event(&mut self, watch: Watch) {
         let serial = match watch {
+            Watch::Changed => {
+                let _ = self.changed.read();
+                return;
+            }
             Watch::Socket(s) | Watch::Process(s) | Watch::Failure(s) => s,
         };
         let Some(d) = self.devices.iter_mut().find(|d| d.serial == serial) else {
@@ -412,13 +438,16 @@ impl DeviceManager {
             .unwrap_or_default();
         for what in said {
             if d.failed {
+                // The device may have been reset and started again since: it needs a reset
+                // again, whether or not the message is shown.
                 d.later_failures.say(format_args!("{what}"));
+                d.mark_broken();
             } else {
                 d.fail(&what);
             }
         }
         match watch {
-            Watch::Failure(_) => {}
+            Watch::Changed | Watch::Failure(_) => {}
             Watch::Socket(_) => {
                 // Poll reports a hang-up until the descriptor goes: stop watching it.
                 d.socket = None;

@@ -200,16 +200,30 @@ pub struct MsixVectors {
 impl MsixVectors {
     pub fn new(count: u16, vm: Arc<dyn VmOps>) -> Result<Self, MsixError> {
         let table = MsixTable::new(count);
-        let mut vectors = Vec::with_capacity(table.len());
-        for _ in 0..table.len() {
-            vectors.push(Vector {
-                gsi: vm.allocate_gsi()?,
-                event: EventFd::new(EFD_NONBLOCK).map_err(MsixError::EventFd)?,
+        let len = table.len();
+        // Built in place, so that a failure part-way gives back the GSIs taken (Drop).
+        let mut msix = MsixVectors {
+            table,
+            vectors: Vec::with_capacity(len),
+            vm,
+        };
+        for _ in 0..len {
+            let gsi = msix.vm.allocate_gsi()?;
+            let event = match EventFd::new(EFD_NONBLOCK) {
+                Ok(e) => e,
+                Err(e) => {
+                    msix.vm.free_gsi(gsi);
+                    return Err(MsixError::EventFd(e));
+                }
+            };
+            msix.vectors.push(Vector {
+                gsi,
+                event,
                 route: None,
                 irqfd: false,
             });
         }
-        Ok(MsixVectors { table, vectors, vm })
+        Ok(msix)
     }
 
     /// The eventfd that raises `vector` (a vhost-user call fd, or our own config interrupt).

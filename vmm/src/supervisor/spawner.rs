@@ -104,7 +104,14 @@ impl Spawner {
             Some((&REPLY_PID, rest)) if rest.len() == 4 => {
                 let pid = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
                 // Not reaped until we ask, so the pid cannot have been reused.
-                let pidfd = process::pidfd_open(pid).map_err(|e| ProcessError::Pidfd(pid, e))?;
+                let pidfd = match process::pidfd_open(pid) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        // Unwatched, it must not run.
+                        self.stop(pid, STOP_GRACE);
+                        return Err(ProcessError::Pidfd(pid, e));
+                    }
+                };
                 Ok(SpawnedProcess {
                     pid,
                     pidfd,
@@ -154,14 +161,13 @@ impl Spawner {
 }
 
 impl Drop for Spawner {
-    /// Closing the socket tells it to stop what is left and exit; then it is reaped.
+    /// Closing the socket tells it to stop what is left and exit. It is not waited for: the
+    /// last owner may be a thread that may not reap (it exits with cloister, which reaps it or
+    /// leaves it to init).
     fn drop(&mut self) {
         let socket = self.socket.get_mut().unwrap_or_else(|e| e.into_inner());
         // SAFETY: shutdown on a socket we own.
         unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
-        let mut status = 0;
-        // SAFETY: waitpid on our own child.
-        unsafe { libc::waitpid(self.pid, &mut status, 0) };
     }
 }
 
@@ -262,6 +268,19 @@ impl Drop for SpawnedProcess {
     }
 }
 
+/// Closes every descriptor above stdio except `keep`.
+fn close_all_but(keep: RawFd) {
+    let keep = keep as libc::c_uint;
+    // SAFETY: close_range on ranges of our own descriptors; none is in use by other threads
+    // (the spawner has one).
+    unsafe {
+        if keep > 3 {
+            libc::syscall(libc::SYS_close_range, 3u32, keep - 1, 0u32);
+        }
+        libc::syscall(libc::SYS_close_range, keep + 1, u32::MAX, 0u32);
+    }
+}
+
 /// The spawner's life: requests until cloister closes the socket or dies.
 fn serve(socket: OwnedFd, parent: libc::pid_t, programs: &[&str]) -> ! {
     // SAFETY: prctl and setpgid with constant arguments. Dies with cloister; out of the
@@ -274,6 +293,8 @@ fn serve(socket: OwnedFd, parent: libc::pid_t, programs: &[&str]) -> ! {
             libc::_exit(0);
         }
     }
+    // Nothing of cloister's but stdio and its socket: not /dev/kvm, not the kernel's file.
+    close_all_but(socket.as_raw_fd());
     let mut children: HashMap<u32, ManagedProcess> = HashMap::new();
     loop {
         let msg = match recv(socket.as_raw_fd()) {
