@@ -11,7 +11,10 @@ use std::sync::Arc;
 
 use cloister_seccomp::SeccompMode;
 
-use super::{managed_only, path_arg, Access, Arg, Backend, DeviceSpec, HostPath, SpawnProfile};
+use super::{
+    managed_only, path_arg, source, Access, Arg, Backend, DeviceSpec, HostPath, Source,
+    SpawnProfile,
+};
 use crate::config::device::{non_empty, switch, CommonOptions, OptionError};
 use crate::vhost_user::kind::{ConfigSpace, DeviceKind};
 
@@ -72,18 +75,13 @@ pub fn parse(value: &str, seccomp: SeccompMode) -> Result<DeviceSpec, OptionErro
         }
     }
     let queues = common.num_queues.unwrap_or(1);
-    let backend = match (path, &common.socket) {
-        (Some(_), Some(_)) => {
-            return Err(OptionError::Invalid(
-                "path= and socket= cannot be combined".into(),
-            ))
-        }
-        (None, None) => {
-            return Err(OptionError::Invalid(
-                "needs path=FILE (cloister starts the backend) or socket=PATH (you did)".into(),
-            ))
-        }
-        (None, Some(socket)) => {
+    let needs = || {
+        Err(OptionError::Invalid(
+            "needs path=FILE (cloister starts the backend) or socket=PATH (you did)".into(),
+        ))
+    };
+    let backend = match source("path", path, common.socket, needs)? {
+        Source::Socket(socket) => {
             for (key, given) in [
                 ("readonly", readonly.is_some()),
                 ("direct", direct.is_some()),
@@ -93,9 +91,9 @@ pub fn parse(value: &str, seccomp: SeccompMode) -> Result<DeviceSpec, OptionErro
                     return Err(managed_only(key));
                 }
             }
-            Backend::Socket(socket.clone())
+            Backend::Socket(socket)
         }
-        (Some(path), None) => {
+        Source::Managed(path) => {
             let readonly = readonly.unwrap_or(false);
             let mut args = vec![
                 Arg::socket("--socket="),

@@ -13,7 +13,10 @@ use std::sync::Arc;
 
 use cloister_seccomp::SeccompMode;
 
-use super::{managed_only, path_arg, Access, Arg, Backend, DeviceSpec, HostPath, SpawnProfile};
+use super::{
+    managed_only, path_arg, source, Access, Arg, Backend, DeviceSpec, HostPath, Source,
+    SpawnProfile,
+};
 use crate::config::device::{non_empty, switch, CommonOptions, OptionError};
 use crate::vhost_user::kind::{ConfigSpace, DeviceKind};
 
@@ -53,27 +56,22 @@ pub fn parse(value: &str, seccomp: SeccompMode) -> Result<DeviceSpec, OptionErro
         )));
     }
     let request_queues = common.num_queues.unwrap_or(1);
-    let backend = match (path, &common.socket) {
-        (Some(_), Some(_)) => {
-            return Err(OptionError::Invalid(
-                "path= and socket= cannot be combined".into(),
-            ))
-        }
-        (None, None) => {
-            return Err(OptionError::Invalid(
-                "needs path=DIR (cloister starts virtiofsd) or socket=PATH (you did)".into(),
-            ))
-        }
-        (None, Some(socket)) => {
+    let needs = || {
+        Err(OptionError::Invalid(
+            "needs path=DIR (cloister starts virtiofsd) or socket=PATH (you did)".into(),
+        ))
+    };
+    let backend = match source("path", path, common.socket, needs)? {
+        Source::Socket(socket) => {
             if readonly.is_some() {
                 return Err(managed_only("readonly"));
             }
             if cache.is_some() {
                 return Err(managed_only("cache"));
             }
-            Backend::Socket(socket.clone())
+            Backend::Socket(socket)
         }
-        (Some(dir), None) => {
+        Source::Managed(dir) => {
             let mut args = vec![
                 Arg::socket("--socket-path="),
                 path_arg("--shared-dir=", &dir),

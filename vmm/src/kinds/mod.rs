@@ -173,6 +173,32 @@ impl HostPath {
     }
 }
 
+/// Who runs a device's backend, as its options say.
+pub enum Source {
+    /// cloister starts it, for this path (an image, a directory, an entropy source).
+    Managed(PathBuf),
+    /// Someone else did; it listens here.
+    Socket(PathBuf),
+}
+
+/// The one of `key=` and `socket=` that was given (both is an error); `neither` says what
+/// having none of them means: an error, or the kind's default path.
+pub fn source(
+    key: &'static str,
+    path: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    neither: impl FnOnce() -> Result<PathBuf, OptionError>,
+) -> Result<Source, OptionError> {
+    match (path, socket) {
+        (Some(_), Some(_)) => Err(OptionError::Invalid(format!(
+            "{key}= and socket= cannot be combined"
+        ))),
+        (Some(path), None) => Ok(Source::Managed(path)),
+        (None, Some(socket)) => Ok(Source::Socket(socket)),
+        (None, None) => neither().map(Source::Managed),
+    }
+}
+
 /// `key=` given where the backend is someone else's: refused by name.
 pub fn managed_only(key: &'static str) -> OptionError {
     OptionError::Invalid(format!(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use cloister_seccomp::SeccompMode;
 
-use super::{path_arg, Access, Arg, Backend, DeviceSpec, HostPath, SpawnProfile};
+use super::{path_arg, source, Access, Arg, Backend, DeviceSpec, HostPath, Source, SpawnProfile};
 use crate::config::device::{non_empty, CommonOptions, OptionError};
 use crate::vhost_user::kind::{ConfigSpace, DeviceKind};
 
@@ -24,15 +24,9 @@ pub fn parse(value: &str, _seccomp: SeccompMode) -> Result<DeviceSpec, OptionErr
         .map(|(_, v)| non_empty("src", v))
         .next()
         .transpose()?;
-    let backend = match (src, &common.socket) {
-        (Some(_), Some(_)) => {
-            return Err(OptionError::Invalid(
-                "src= and socket= cannot be combined".into(),
-            ))
-        }
-        (None, Some(socket)) => Backend::Socket(socket.clone()),
-        (src, None) => {
-            let src = src.unwrap_or_else(|| DEFAULT_SOURCE.into());
+    let backend = match source("src", src, common.socket, || Ok(DEFAULT_SOURCE.into()))? {
+        Source::Socket(socket) => Backend::Socket(socket),
+        Source::Managed(src) => {
             Backend::Managed(SpawnProfile {
                 program: "vhost-device-rng".into(),
                 args: vec![
