@@ -74,7 +74,6 @@ impl Outcome {
 #[derive(Debug, Clone)]
 pub struct Rules {
     paths: Vec<(PathBuf, BitFlags<AccessFs>)>,
-    scope_signals: bool,
 }
 
 impl Default for Rules {
@@ -86,10 +85,7 @@ impl Default for Rules {
 impl Rules {
     /// Nothing allowed.
     pub fn new() -> Self {
-        Self {
-            paths: Vec::new(),
-            scope_signals: true,
-        }
+        Self { paths: Vec::new() }
     }
 
     fn with(mut self, path: &Path, access: BitFlags<AccessFs>) -> Self {
@@ -128,13 +124,6 @@ impl Rules {
         self.with(path, AccessFs::ResolveUnix.into())
     }
 
-    /// Leaves signals to processes outside the domain allowed: a VMM stops its backends, and
-    /// the kernel's parent-death signal is checked against the dying parent's domain.
-    pub fn allow_signals_outside(mut self) -> Self {
-        self.scope_signals = false;
-        self
-    }
-
     /// The paths and their access, for messages and tests.
     pub fn paths(&self) -> impl Iterator<Item = (&Path, BitFlags<AccessFs>)> {
         self.paths.iter().map(|(p, a)| (p.as_path(), *a))
@@ -142,10 +131,7 @@ impl Rules {
 
     /// Confines the calling thread (and the threads it creates later).
     pub fn restrict_self(&self) -> Result<Outcome, LandlockError> {
-        let mut scopes = BitFlags::from(Scope::AbstractUnixSocket);
-        if self.scope_signals {
-            scopes |= Scope::Signal;
-        }
+        let scopes = Scope::AbstractUnixSocket | Scope::Signal;
         let mut ruleset = Ruleset::default()
             .handle_access(AccessFs::from_all(NEWEST))?
             .handle_access(AccessNet::from_all(NEWEST))?

@@ -224,6 +224,50 @@ fn a_device_that_cannot_be_added_is_refused_and_changes_nothing() {
     assert_eq!(vm.stop(), Ok(143));
 }
 
+/// The process named `name` whose command line mentions `needle`.
+fn process_named(name: &str, needle: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            (comm.trim() == name && String::from_utf8_lossy(&cmdline).contains(needle))
+                .then_some(pid)
+        })
+}
+
+#[test]
+fn backends_do_not_outlive_a_killed_vmm() {
+    if !ready("backends_do_not_outlive_a_killed_vmm") {
+        return;
+    }
+    let dir = fresh_dir("host-devices-killed");
+    let runtime = fresh_dir("host-devices-killed-run");
+    let img = image(&dir, "k.img");
+    // A device added at run time too: it is the spawner's child like the boot disk.
+    let hot = image(&dir, "hot.img");
+    let mut vm = Vm::start(
+        &runtime,
+        &["--disk".into(), format!("path={img}")],
+        &format!("--disk path={hot},id=hot*0"),
+    );
+    vm.wait_line("test hook: hotplug: added hot", Duration::from_secs(60));
+    let backend = process_named("vhost-user-blk", &img).expect("the boot disk's backend");
+    // SIGKILL: no clean-up of ours runs; the spawner sees its socket close.
+    let _ = vm.child.kill();
+    let _ = vm.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Path::new(&format!("/proc/{backend}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        process_named("vhost-user-blk", &img).is_none(),
+        "backend {backend} outlived its VM"
+    );
+}
+
 #[test]
 fn the_report_parser_reads_every_pair() {
     let pairs = before_after(

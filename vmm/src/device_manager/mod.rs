@@ -392,10 +392,6 @@ impl DeviceManager {
         }
     }
 
-    pub fn devices(&self) -> Vec<DeviceInfo> {
-        self.devices.iter().map(info).collect()
-    }
-
     /// Descriptors for the main loop to poll, with poll(2) event bits.
     pub fn watches(&self) -> Vec<(RawFd, libc::c_short, Watch)> {
         let mut v = vec![(self.changed.as_raw_fd(), libc::POLLIN, Watch::Changed)];
