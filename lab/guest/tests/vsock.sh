@@ -19,4 +19,5 @@ echo "CLOISTER-VSOCK guest_connect=$(echo "$reply" | sed -n 's/^guest-connect: /
 wait "$server"
 src=$?
 echo "CLOISTER-VSOCK guest_serve=$(sed -n 's/^guest-serve: got //p' /tmp/serve.out) serve_rc=$src"
+[ "$src" = 0 ] || sed 's/^/CLOISTER-VSOCK serve-log: /' /tmp/serve.out
 umount /mnt/tools

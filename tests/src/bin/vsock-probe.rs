@@ -85,7 +85,28 @@ fn host_serve(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// How many connections a probe tries (host-connect) or serves (guest-serve) before giving up.
+const ATTEMPTS: u32 = 5;
+
+/// Connects through the hybrid vsock socket, again after a reset: a host-initiated vsock
+/// connection can be reset by the backend in a race with the guest's listener (Cloud
+/// Hypervisor's issue 3485 saw the same), which orchestrators such as Kata answer by retrying.
 fn host_connect(path: &str, port: u32, msg: &str) -> Result<(), String> {
+    let mut last_error = String::new();
+    for attempt in 1..=ATTEMPTS {
+        match host_connect_once(path, port, msg) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                eprintln!("vsock-probe: connection attempt {attempt} failed: {e}");
+                last_error = e;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+    Err(last_error)
+}
+
+fn host_connect_once(path: &str, port: u32, msg: &str) -> Result<(), String> {
     let stream = UnixStream::connect(path).map_err(|e| format!("connect {path}: {e}"))?;
     stream.set_read_timeout(Some(TIMEOUT)).ok();
     let mut reader = BufReader::new(stream);
@@ -163,23 +184,36 @@ fn guest_serve(port: u32) -> Result<(), String> {
         return Err(os_error("listen"));
     }
     println!("guest-serve: listening on port {port}");
-    // SAFETY: accept(2) without the peer's address.
-    let conn = unsafe {
-        libc::accept4(
-            fd.as_raw_fd(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_CLOEXEC,
-        )
-    };
-    if conn < 0 {
-        return Err(os_error("accept"));
+    // A connection the transport resets under us (the host side retries) is not the end:
+    // serve until one conversation completes.
+    let mut last_error = String::new();
+    for attempt in 1..=ATTEMPTS {
+        // SAFETY: accept(2) without the peer's address.
+        let conn = unsafe {
+            libc::accept4(
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if conn < 0 {
+            return Err(os_error("accept"));
+        }
+        // SAFETY: a fresh descriptor nothing else owns; a vsock stream reads and writes like one.
+        let stream = unsafe { UnixStream::from_raw_fd(conn) };
+        match echo_one(stream) {
+            Ok(line) => {
+                println!("guest-serve: got {line}");
+                return Ok(());
+            }
+            Err(e) => {
+                eprintln!("guest-serve: connection {attempt}: {e}");
+                last_error = e;
+            }
+        }
     }
-    // SAFETY: a fresh descriptor nothing else owns; a vsock stream reads and writes like one.
-    let stream = unsafe { UnixStream::from_raw_fd(conn) };
-    let line = echo_one(stream)?;
-    println!("guest-serve: got {line}");
-    Ok(())
+    Err(last_error)
 }
 
 fn guest_connect(cid: u32, port: u32, msg: &str) -> Result<(), String> {
