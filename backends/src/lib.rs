@@ -30,7 +30,7 @@ pub mod test_frontend;
 pub use error::{DaemonError, Error};
 pub use options::{CommonOptions, LogLevel, SeccompMode};
 pub use sandbox::Sandbox;
-pub use server::{serve, Device};
+pub use server::{serve, serve_client, Device};
 pub use signals::Stop;
 pub use socket::SocketListener;
 pub use worker_exit::WorkerExits;

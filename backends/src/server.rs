@@ -1,7 +1,9 @@
 //! The serve loop: one frontend at a time, a fresh backend per connection, and back to
 //! listening when the frontend goes away.
 
+use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringEpollHandler};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -58,7 +60,13 @@ where
     let mut connections: u64 = 0;
     while listener.wait_for_frontend(stop)? {
         connections += 1;
-        serve_one(name, &mut listener, device, stop, connections)?;
+        serve_one(name, device, stop, connections, |daemon| {
+            daemon.start(listener.listener())
+        })
+        .map_err(|e| match e {
+            Served::Failed(e) => e,
+            Served::NotStarted(e) => Error::Accept(e),
+        })?;
         if stop.requested() {
             break;
         }
@@ -68,32 +76,89 @@ where
     Ok(())
 }
 
+/// Serves `device` to a frontend that listens on `socket` (the frontend's server mode): connects,
+/// serves until it disconnects, and connects again, until `stop` is requested. While nobody
+/// listens there it tries again every [`RECONNECT_INTERVAL`].
+pub fn serve_client<D>(name: &str, socket: &Path, device: &D, stop: &Stop) -> Result<(), Error>
+where
+    D: Device,
+    <D::Backend as VhostUserBackend>::Vring: Clone + Send + Sync,
+{
+    let Some(path) = socket.to_str() else {
+        return Err(Error::Listen {
+            path: socket.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not UTF-8"),
+        });
+    };
+    log::info!("connecting to the frontend at {path}");
+    let mut connections: u64 = 0;
+    let mut waiting = false;
+    while !stop.requested() {
+        match serve_one(name, device, stop, connections + 1, |daemon| {
+            daemon.start_client(path)
+        }) {
+            Ok(()) => {
+                connections += 1;
+                waiting = false;
+                if !stop.requested() {
+                    log::info!("connecting again to {path}");
+                }
+            }
+            Err(Served::NotStarted(e)) => {
+                if !waiting {
+                    log::info!("no frontend at {path} yet ({e}); trying again");
+                    waiting = true;
+                }
+                let until = Instant::now() + RECONNECT_INTERVAL;
+                while Instant::now() < until && !stop.requested() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            Err(Served::Failed(e)) => return Err(e),
+        }
+    }
+    log::info!("stopped after {connections} connection(s)");
+    Ok(())
+}
+
+/// How often a client backend tries a frontend that is not listening.
+pub const RECONNECT_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Why one connection was not served.
+enum Served {
+    /// No frontend to serve (accept or connect failed).
+    NotStarted(VhostUserDaemonError),
+    Failed(Error),
+}
+
 fn serve_one<D>(
     name: &str,
-    listener: &mut SocketListener,
     device: &D,
     stop: &Stop,
     number: u64,
-) -> Result<(), Error>
+    start: impl FnOnce(
+        &mut VhostUserDaemon<D::Backend>,
+    ) -> std::result::Result<(), vhost_user_backend::Error>,
+) -> Result<(), Served>
 where
     D: Device,
     <D::Backend as VhostUserBackend>::Vring: Clone + Send + Sync,
 {
     let exits = Arc::new(WorkerExits::default());
-    let backend = device.connect(Arc::clone(&exits)).map_err(Error::Connect)?;
+    let backend = device
+        .connect(Arc::clone(&exits))
+        .map_err(|e| Served::Failed(Error::Connect(e)))?;
     let mut daemon = VhostUserDaemon::new(
         name.to_owned(),
         backend.clone(),
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
-    .map_err(|e| Error::Daemon(VhostUserDaemonError(e)))?;
+    .map_err(|e| Served::Failed(Error::Daemon(VhostUserDaemonError(e))))?;
 
     let attached = device.attach(&backend, &daemon.get_epoll_handlers());
     let result = match attached {
-        Err(e) => Err(Error::Connect(e)),
-        Ok(()) => daemon
-            .start(listener.listener())
-            .map_err(|e| Error::Accept(VhostUserDaemonError(e))),
+        Err(e) => Err(Served::Failed(Error::Connect(e))),
+        Ok(()) => start(&mut daemon).map_err(|e| Served::NotStarted(VhostUserDaemonError(e))),
     };
     if result.is_ok() {
         log::info!("frontend connected (connection {number})");

@@ -45,13 +45,19 @@ pub enum ThreadRole {
     BlkMain,
     /// A `vhost-user-blk` queue worker: guest requests to io_uring or preadv/pwritev.
     BlkWorker,
+    /// `vhost-user-net`'s main thread (the serve loop, or the client's connect loop), and the
+    /// vhost-user control thread it starts for each connection.
+    NetMain,
+    /// A `vhost-user-net` worker: frames between its queue pairs and their tap queues, and
+    /// (thread 0) the control queue.
+    NetWorker,
     /// A backend's signal thread: SIGTERM/SIGINT become a stop request.
     BackendSignals,
 }
 
 impl ThreadRole {
     /// Every role, for listings and tests.
-    pub const ALL: [ThreadRole; 9] = [
+    pub const ALL: [ThreadRole; 11] = [
         ThreadRole::VmmMain,
         ThreadRole::VmmVcpu,
         ThreadRole::VmmWatchdog,
@@ -60,6 +66,8 @@ impl ThreadRole {
         ThreadRole::VmmConsole,
         ThreadRole::BlkMain,
         ThreadRole::BlkWorker,
+        ThreadRole::NetMain,
+        ThreadRole::NetWorker,
         ThreadRole::BackendSignals,
     ];
 
@@ -74,6 +82,8 @@ impl ThreadRole {
             ThreadRole::VmmConsole => "vmm-console",
             ThreadRole::BlkMain => "blk-main",
             ThreadRole::BlkWorker => "blk-worker",
+            ThreadRole::NetMain => "net-main",
+            ThreadRole::NetWorker => "net-worker",
             ThreadRole::BackendSignals => "backend-signals",
         }
     }
@@ -109,10 +119,30 @@ impl ThreadRole {
                 vring_worker(),
                 blk_io(),
                 backend_signals(),
-                blk_no_new_files(),
+                no_new_files(),
             ],
-            ThreadRole::BlkWorker => vec![base(), vring_worker(), blk_io(), blk_no_new_files()],
-            ThreadRole::BackendSignals => vec![base(), backend_signals(), blk_no_new_files()],
+            ThreadRole::BlkWorker => vec![base(), vring_worker(), blk_io(), no_new_files()],
+            ThreadRole::NetMain => vec![
+                base(),
+                spawns_threads(),
+                backend_main(),
+                backend_connect(),
+                vhost_user_control(),
+                tap_settings(),
+                // Inherited by the threads it starts, until they narrow it.
+                vring_worker(),
+                net_io(),
+                backend_signals(),
+                no_new_files(),
+            ],
+            ThreadRole::NetWorker => vec![
+                base(),
+                vring_worker(),
+                net_io(),
+                tap_settings(),
+                no_new_files(),
+            ],
+            ThreadRole::BackendSignals => vec![base(), backend_signals(), no_new_files()],
         };
         groups.into_iter().flatten().collect()
     }
@@ -544,6 +574,45 @@ fn blk_io() -> Vec<Rule> {
     ]
 }
 
+/// A client backend (`--client`) connects to the frontend's socket, again after each
+/// disconnect (Landlock allows that one socket only).
+fn backend_connect() -> Vec<Rule> {
+    use libc::*;
+    vec![
+        allow_values(
+            SYS_socket,
+            0,
+            &[AF_UNIX as u64],
+            "a unix socket to connect to the frontend (--client)",
+        ),
+        allow(SYS_connect, "connects to the frontend's socket (--client)"),
+    ]
+}
+
+/// The tap ioctls, on the descriptors opened before the sandbox: nothing that needs
+/// CAP_NET_ADMIN, which the process no longer has anyway.
+fn tap_settings() -> Vec<Rule> {
+    use libc::SYS_ioctl;
+    vec![allow_values(
+        SYS_ioctl,
+        1,
+        &[0x4004_54d8, 0x4004_54d0, 0x4004_54d9],
+        "TUNSETVNETHDRSZ and TUNSETOFFLOAD when the driver acknowledges its features or changes its offloads, TUNSETQUEUE when it changes the queue pairs in use",
+    )]
+}
+
+/// Frames between the guest and the tap.
+fn net_io() -> Vec<Rule> {
+    use libc::*;
+    vec![
+        allow(SYS_read, "reads a frame from a tap queue"),
+        allow(
+            SYS_writev,
+            "writes a frame to a tap queue, straight from guest memory",
+        ),
+    ]
+}
+
 /// A backend's signal thread.
 fn backend_signals() -> Vec<Rule> {
     use libc::*;
@@ -560,8 +629,8 @@ fn backend_signals() -> Vec<Rule> {
     ]
 }
 
-/// A block backend opens nothing once it serves: a compromised one cannot reach new files.
-fn blk_no_new_files() -> Vec<Rule> {
+/// A backend opens nothing once it serves: a compromised one cannot reach new files.
+fn no_new_files() -> Vec<Rule> {
     use libc::*;
     let why = "no new files once serving; EACCES rather than a kill, so a library that probes for a file carries on";
     vec![
@@ -640,20 +709,32 @@ mod tests {
 
     #[test]
     fn narrower_roles_are_within_their_creators() {
-        // A worker, a signal thread and the control thread run under blk-main's filter until
-        // they install theirs: what they need must be in blk-main.
-        let main = Merged::new(&ThreadRole::BlkMain.rules(), false);
-        for role in [ThreadRole::BlkWorker, ThreadRole::BackendSignals] {
-            for rule in role.rules() {
-                if matches!(rule, Rule::Refuse { .. }) {
-                    continue;
+        // A worker, a signal thread and the control thread run under their backend's main
+        // filter until they install theirs: what they need must be in it.
+        for (creator, roles) in [
+            (
+                ThreadRole::BlkMain,
+                [ThreadRole::BlkWorker, ThreadRole::BackendSignals],
+            ),
+            (
+                ThreadRole::NetMain,
+                [ThreadRole::NetWorker, ThreadRole::BackendSignals],
+            ),
+        ] {
+            let main = Merged::new(&creator.rules(), false);
+            for role in roles {
+                for rule in role.rules() {
+                    if matches!(rule, Rule::Refuse { .. }) {
+                        continue;
+                    }
+                    assert!(
+                        main.allows(rule.nr()),
+                        "{} needs {} which {} does not allow",
+                        role.name(),
+                        crate::syscall_names::name(rule.nr()).unwrap_or("?"),
+                        creator.name()
+                    );
                 }
-                assert!(
-                    main.allows(rule.nr()),
-                    "{} needs {} which blk-main does not allow",
-                    role.name(),
-                    crate::syscall_names::name(rule.nr()).unwrap_or("?")
-                );
             }
         }
     }
@@ -663,6 +744,8 @@ mod tests {
         for role in [
             ThreadRole::BlkMain,
             ThreadRole::BlkWorker,
+            ThreadRole::NetMain,
+            ThreadRole::NetWorker,
             ThreadRole::BackendSignals,
         ] {
             let refused: Vec<i64> = Merged::new(&role.rules(), false)

@@ -4,11 +4,12 @@
 //! [`GuestRam`] is memfd-backed "guest memory" shared with the backend through
 //! `SET_MEM_TABLE`; [`SplitQueue`] lays a virtqueue out in it and drives it as a guest driver
 //! would (descriptors, avail ring, kicks, used ring, EVENT_IDX); [`Connection`] is the VMM side
-//! of the vhost-user protocol; [`blk`] speaks virtio-blk on top.
+//! of the vhost-user protocol; [`blk`] and [`net`] speak virtio-blk and virtio-net on top.
 
 pub mod blk;
 mod connection;
 mod memory;
+pub mod net;
 mod virtqueue;
 
 use std::io;

@@ -1,0 +1,300 @@
+//! The device (lives as long as the daemon: the tap and the queue-pair workers) and the
+//! per-connection `VhostUserBackend`.
+
+use std::io;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use cloister_backends::guest_memory::check_regions_within_files;
+use cloister_backends::server::GuestMemory;
+use cloister_backends::{Device, WorkerExits};
+use cloister_seccomp::ThreadRole;
+use cloister_tap::{Offloads, TapQueue};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use crate::ctrl::ControlQueue;
+use crate::pair::{PairWorker, Vring};
+use crate::state::DeviceState;
+use crate::threads::{Event, ThreadMap};
+use crate::virtio::{self, Identity};
+
+/// Offloads asked of the tap: all it has.
+const ALL_OFFLOADS: Offloads = Offloads(
+    Offloads::CSUM
+        | Offloads::TSO4
+        | Offloads::TSO6
+        | Offloads::TSO_ECN
+        | Offloads::UFO
+        | Offloads::USO4
+        | Offloads::USO6,
+);
+
+/// Everything opened at start-up: shared by all connections.
+struct Shared {
+    device: DeviceState,
+    features: u64,
+    workers: Vec<Mutex<PairWorker>>,
+    control: Mutex<ControlQueue>,
+    threads: ThreadMap,
+}
+
+impl Shared {
+    fn worker(&self, pair: usize) -> Option<MutexGuard<'_, PairWorker>> {
+        Some(lock(self.workers.get(pair)?))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A worker that panicked mid-frame leaves consistent enough state to keep serving.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The virtio-net device.
+pub struct NetDevice {
+    shared: Arc<Shared>,
+}
+
+impl NetDevice {
+    /// `taps`: one queue per pair. `mac`: the guest's; `mtu`: what the guest is told.
+    pub fn new(taps: Vec<TapQueue>, mac: cloister_tap::MacAddr, mtu: u16, threads: u16) -> Self {
+        let tap_offloads = taps
+            .first()
+            .map_or(Offloads(0), |t| t.probe_offloads(ALL_OFFLOADS));
+        let identity = Identity {
+            mac,
+            mtu,
+            queue_pairs: taps.len() as u16,
+            tap_offloads,
+        };
+        let taps: Vec<Arc<TapQueue>> = taps.into_iter().map(Arc::new).collect();
+        let workers = taps
+            .iter()
+            .enumerate()
+            .map(|(i, tap)| Mutex::new(PairWorker::new(i, Arc::clone(tap))))
+            .collect();
+        let threads = ThreadMap::new(identity.queue_pairs, threads);
+        log::info!(
+            "tap {}: {} queue pair(s) on {} thread(s), guest MAC {mac}, MTU {mtu}, tap offloads {:#x}",
+            taps.first().map_or("?", |t| t.name()),
+            identity.queue_pairs,
+            threads.masks().len(),
+            tap_offloads.0,
+        );
+        Self {
+            shared: Arc::new(Shared {
+                features: virtio::features(&identity),
+                device: DeviceState::new(identity, taps),
+                workers,
+                control: Mutex::new(ControlQueue::default()),
+                threads,
+            }),
+        }
+    }
+
+    fn reset(&self) {
+        for worker in &self.shared.workers {
+            lock(worker).reset();
+        }
+        self.shared.device.reset();
+    }
+}
+
+impl Device for NetDevice {
+    type Backend = Arc<Connection>;
+
+    fn connect(
+        &self,
+        exits: Arc<WorkerExits>,
+    ) -> Result<Self::Backend, Box<dyn std::error::Error + Send + Sync>> {
+        self.reset();
+        Ok(Arc::new(Connection {
+            shared: Arc::clone(&self.shared),
+            mem: RwLock::new(None),
+            exits,
+        }))
+    }
+
+    fn attach(
+        &self,
+        _backend: &Self::Backend,
+        handlers: &[Arc<VringEpollHandler<Self::Backend>>],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let map = &self.shared.threads;
+        for (thread, handler) in handlers.iter().enumerate() {
+            for (position, &pair) in map.pairs_of(thread).iter().enumerate() {
+                let Some(worker) = self.shared.worker(pair) else {
+                    continue;
+                };
+                handler.register_listener(
+                    std::os::fd::AsRawFd::as_raw_fd(worker.tap()),
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    u64::from(map.tap_event(position)),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn disconnect(&self, backend: &Self::Backend) {
+        for (i, worker) in self.shared.workers.iter().enumerate() {
+            let worker = lock(worker);
+            let c = worker.counters();
+            log::info!(
+                "pair {i}: {} frames received, {} sent, {} and {} dropped",
+                c.rx_frames,
+                c.tx_frames,
+                c.rx_dropped,
+                c.tx_dropped
+            );
+        }
+        self.reset();
+        *backend.mem.write().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+/// The backend of one frontend connection.
+pub struct Connection {
+    shared: Arc<Shared>,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemory>>>,
+    exits: Arc<WorkerExits>,
+}
+
+impl Connection {
+    fn memory(&self) -> Option<Arc<GuestMemory>> {
+        let mem = self.mem.read().unwrap_or_else(PoisonError::into_inner);
+        mem.as_ref().map(|m| m.memory().into_inner())
+    }
+}
+
+/// The virtio specification's largest split ring: nothing here is sized by the ring.
+const VIRTQUEUE_MAX_SIZE: usize = 32768;
+
+impl VhostUserBackend for Connection {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.shared.threads.queues()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        VIRTQUEUE_MAX_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        self.shared.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        log::debug!("features acknowledged: {features:#x}");
+        self.shared.device.set_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        virtio::protocol_features()
+    }
+
+    fn reset_device(&self) {
+        for worker in &self.shared.workers {
+            lock(worker).reset();
+        }
+        self.shared.device.reset();
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        log::debug!("EVENT_IDX {}", if enabled { "on" } else { "off" });
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        virtio::config_slice(&self.shared.device.config_space(), offset, size)
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // The MAC is changed through the control queue (CTRL_MAC_ADDR), not here.
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "virtio-net config space is read-only",
+        ))
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        let checked = check_regions_within_files(&mem.memory());
+        if checked.is_err() {
+            mem.lock()
+                .map_err(|_| io::Error::other("memory table lock poisoned"))?
+                .replace(GuestMemory::new());
+        }
+        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
+        checked
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        self.shared.threads.masks()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.exits.event()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // Frames are handled whole within one event: holding the lock once is enough to know
+        // the worker is done with the ring.
+        let pair = queue_index as usize / 2;
+        if let Some(worker) = self.shared.worker(pair) {
+            drop(worker);
+        } else {
+            drop(lock(&self.shared.control));
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        cloister_backends::sandbox::enter_worker(ThreadRole::NetWorker);
+        // Errors are logged, never returned (an error ends the worker thread for good), and a
+        // panic (a bug) is caught rather than silently ending the thread.
+        let handled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let Some(mem) = self.memory() else { return };
+            let shared = &self.shared;
+            match shared.threads.event(thread_id, device_event) {
+                Some(Event::RxKick { pair, rx }) => {
+                    if let (Some(mut w), Some(vring)) = (shared.worker(pair), vrings.get(rx)) {
+                        w.serve_rx(vring, &mem, &shared.device);
+                    }
+                }
+                Some(Event::Tap { pair, rx }) => {
+                    if let (Some(mut w), Some(vring)) = (shared.worker(pair), vrings.get(rx)) {
+                        w.tap_ready();
+                        w.serve_rx(vring, &mem, &shared.device);
+                    }
+                }
+                Some(Event::TxKick { pair, tx }) => {
+                    if let (Some(mut w), Some(vring)) = (shared.worker(pair), vrings.get(tx)) {
+                        w.serve_tx(vring, &mem);
+                    }
+                }
+                Some(Event::Control { vring }) => {
+                    if let Some(vring) = vrings.get(vring) {
+                        lock(&shared.control).serve(vring, &mem, &shared.device);
+                    }
+                }
+                None => log::debug!("thread {thread_id}: ignoring event {device_event}"),
+            }
+        }));
+        if handled.is_err() {
+            log::error!(
+                "thread {thread_id}: internal error while handling event {device_event}; its queue may stall until the device is reset"
+            );
+        }
+        Ok(())
+    }
+}

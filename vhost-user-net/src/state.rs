@@ -1,0 +1,99 @@
+//! The device-wide state the driver changes: negotiated features (and so the header length and
+//! the tap's offloads), the receive filter, the guest's MAC, the queue pairs in use.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use cloister_tap::{MacAddr, Offloads, TapQueue};
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+
+use crate::filter::RxFilter;
+use crate::virtio::{self, bit, Identity};
+
+pub struct DeviceState {
+    pub identity: Identity,
+    acked: AtomicU64,
+    filter: RwLock<RxFilter>,
+    taps: Vec<Arc<TapQueue>>,
+}
+
+impl DeviceState {
+    pub fn new(identity: Identity, taps: Vec<Arc<TapQueue>>) -> Self {
+        Self {
+            filter: RwLock::new(RxFilter::new(identity.mac)),
+            identity,
+            acked: AtomicU64::new(0),
+            taps,
+        }
+    }
+
+    pub fn header_len(&self) -> usize {
+        virtio::header_len(self.acked.load(Ordering::Acquire))
+    }
+
+    pub fn mergeable_rx(&self) -> bool {
+        self.acked.load(Ordering::Acquire) & bit(VIRTIO_NET_F_MRG_RXBUF) != 0
+    }
+
+    pub fn filter<T>(&self, f: impl FnOnce(&RxFilter) -> T) -> T {
+        f(&self.filter.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    pub fn update_filter(&self, f: impl FnOnce(&mut RxFilter)) {
+        f(&mut self.filter.write().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    pub fn config_space(&self) -> [u8; virtio::CONFIG_LEN] {
+        virtio::config_space(&self.identity, self.filter(|f| f.mac))
+    }
+
+    /// SET_FEATURES: the header length the tap adds and expects, and the offloads the guest
+    /// takes.
+    pub fn set_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Release);
+        let Some(tap) = self.taps.first() else { return };
+        // Both are per device, not per queue: the first queue's descriptor sets them.
+        if let Err(e) = tap.set_vnet_hdr_len(virtio::header_len(features) as i32) {
+            log::error!("{e}");
+        }
+        self.set_offloads(virtio::offloads_for(features));
+    }
+
+    /// VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET, or what SET_FEATURES implies.
+    pub fn set_offloads(&self, offloads: Offloads) {
+        let wanted = Offloads(offloads.0 & self.identity.tap_offloads.0);
+        if let Some(tap) = self.taps.first() {
+            match tap.set_offloads(wanted) {
+                Ok(()) => log::debug!("tap offloads {:#x}", wanted.0),
+                Err(e) => log::error!("{e}"),
+            }
+        }
+    }
+
+    /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (and 1 at every reset): the tap steers frames to the
+    /// first `pairs` queues only, the ones the driver serves.
+    pub fn set_active_pairs(&self, pairs: usize) -> bool {
+        let mut ok = true;
+        for (i, tap) in self.taps.iter().enumerate() {
+            if !tap.multi_queue() {
+                continue;
+            }
+            if let Err(e) = tap.set_attached(i < pairs) {
+                log::warn!("queue pair {i}: {e}");
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    /// A device reset or a new connection: as the device starts.
+    pub fn reset(&self) {
+        self.acked.store(0, Ordering::Release);
+        self.update_filter(|f| *f = RxFilter::new(self.identity.mac));
+        self.set_active_pairs(1);
+    }
+
+    pub fn set_mac(&self, mac: MacAddr) {
+        self.update_filter(|f| f.mac = mac);
+    }
+}
