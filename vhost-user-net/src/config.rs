@@ -129,6 +129,12 @@ impl TryFrom<&Args> for Config {
                 ))
             }
         };
+        if matches!(tap, TapSource::Fds(_)) && (args.ip.is_some() || args.host_mac.is_some()) {
+            return Err(Error::Usage(
+                "--ip and --host-mac need --tap: a tap handed over is configured by whoever opened it"
+                    .into(),
+            ));
+        }
         if args.mac.is_some_and(|m| !m.is_unicast()) {
             return Err(Error::Usage(format!(
                 "--mac {}: a multicast address cannot be an interface's",

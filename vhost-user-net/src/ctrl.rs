@@ -6,10 +6,10 @@ use std::time::Duration;
 use cloister_backends::logging::RateLimit;
 use cloister_backends::server::GuestMemory;
 use cloister_tap::MacAddr;
-use vhost_user_backend::VringT;
+use vhost_user_backend::{VringState, VringT};
 use virtio_bindings::virtio_net::*;
 use virtio_queue::QueueOwnedT;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 
 use crate::pair::Vring;
 use crate::state::DeviceState;
@@ -36,6 +36,27 @@ impl ControlQueue {
         if !state.is_enabled() {
             return;
         }
+        loop {
+            self.answer_all(&mut state, mem, device);
+            // Re-arm (with EVENT_IDX the driver kicks only at the index asked for); a command
+            // that came meanwhile is answered now.
+            match state.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    log::warn!("control queue: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn answer_all(
+        &mut self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
+        mem: &GuestMemory,
+        device: &DeviceState,
+    ) {
         let mut answered = Vec::new();
         if let Ok(chains) = state.get_queue_mut().iter(mem) {
             for chain in chains {

@@ -52,10 +52,12 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), Error> {
     logging::init(NAME, args.common.log_level.into());
-    // First, while this is the only thread: every thread inherits the blocked signals.
-    let stop = Stop::block_signals()?;
     let config = Config::try_from(&args)?;
+    // Before anything else opens a descriptor: a --tap-fd number must be the one inherited,
+    // not one of ours.
     let taps = open_taps(&config)?;
+    // While this is the only thread: every thread inherits the blocked signals.
+    let stop = Stop::block_signals()?;
     let name = taps
         .first()
         .map(|t| t.name().to_owned())
@@ -70,8 +72,14 @@ fn run(args: Args) -> Result<(), Error> {
     let device = NetDevice::new(taps, mac, mtu, config.threads);
     let socket = &args.common.socket;
     if config.client {
-        Sandbox::new(NAME, args.common.seccomp, Rules::new().connect_unix(socket))
-            .enter(ThreadRole::NetMain)?;
+        // The directory, not the socket: the frontend may not have made it yet, and makes
+        // it anew after a restart.
+        Sandbox::new(
+            NAME,
+            args.common.seccomp,
+            Rules::new().connect_unix(socket_dir(socket)),
+        )
+        .enter(ThreadRole::NetMain)?;
         stop.listen(None)?;
         serve_client(NAME, socket, &device, &stop)?;
     } else {

@@ -1,5 +1,6 @@
 //! The VMM side of vhost-user: connect, negotiate, share memory, hand over virtqueues.
 
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use vhost::vhost_user::message::{
@@ -39,7 +40,31 @@ impl Connection {
     /// Connects to `socket`, negotiates `wanted` virtio features and the protocol features we
     /// use (MQ, CONFIG, REPLY_ACK), and shares `ram`.
     pub fn connect(socket: &Path, ram: &GuestRam, wanted: u64, queues: usize) -> Result<Self> {
-        let mut frontend = Frontend::connect(socket, queues as u64)?;
+        let frontend = Frontend::connect(socket, queues as u64)?;
+        Self::negotiate(frontend, ram, wanted, queues)
+    }
+
+    /// [`Connection::connect`] on a backend that connected to us (its client mode).
+    pub fn from_stream(
+        stream: UnixStream,
+        ram: &GuestRam,
+        wanted: u64,
+        queues: usize,
+    ) -> Result<Self> {
+        Self::negotiate(
+            Frontend::from_stream(stream, queues as u64),
+            ram,
+            wanted,
+            queues,
+        )
+    }
+
+    fn negotiate(
+        mut frontend: Frontend,
+        ram: &GuestRam,
+        wanted: u64,
+        queues: usize,
+    ) -> Result<Self> {
         frontend.set_owner()?;
         let offered = frontend.get_features()?;
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();

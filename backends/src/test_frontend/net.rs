@@ -1,6 +1,7 @@
 //! virtio-net on top of the test frontend: receive buffers, frames to send, control commands.
 
 use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,16 +87,32 @@ pub struct TestNet {
 impl TestNet {
     const TX_BUFFER: u64 = 128 << 10;
 
-    /// Connects with `pairs` queue pairs (and the control queue if the backend offers it) of
-    /// `queue_size` entries.
+    /// Connects with `pairs` queue pairs and the control queue, of `queue_size` entries.
     pub fn connect(socket: &Path, pairs: usize, queue_size: u16, wanted: u64) -> Result<Self> {
         let ram = Arc::new(GuestRam::new(&[(0, 32 << 20), (32 << 20, 32 << 20)])?);
-        let probe = Connection::connect(socket, &ram, wanted, 1)?;
-        let has_ctrl = probe.negotiation().has(VIRTIO_NET_F_CTRL_VQ);
-        let queues = 2 * pairs + usize::from(has_ctrl);
-        drop(probe);
-        // One connection per test device: the first only looked at what is offered.
-        let mut connection = Connection::connect(socket, &ram, wanted, queues)?;
+        let connection = Connection::connect(socket, &ram, wanted, 2 * pairs + 1)?;
+        Self::start(ram, connection, pairs, queue_size)
+    }
+
+    /// [`TestNet::connect`] on a backend that connected to us (its client mode).
+    pub fn from_stream(
+        stream: UnixStream,
+        pairs: usize,
+        queue_size: u16,
+        wanted: u64,
+    ) -> Result<Self> {
+        let ram = Arc::new(GuestRam::new(&[(0, 32 << 20), (32 << 20, 32 << 20)])?);
+        let connection = Connection::from_stream(stream, &ram, wanted, 2 * pairs + 1)?;
+        Self::start(ram, connection, pairs, queue_size)
+    }
+
+    fn start(
+        ram: Arc<GuestRam>,
+        mut connection: Connection,
+        pairs: usize,
+        queue_size: u16,
+    ) -> Result<Self> {
+        let has_ctrl = connection.negotiation().has(VIRTIO_NET_F_CTRL_VQ);
         let event_idx = connection.negotiation().has(VIRTIO_RING_F_EVENT_IDX);
         let mut rx = Vec::new();
         let mut tx = Vec::new();

@@ -87,7 +87,7 @@ impl Daemon {
     /// Starts the daemon on a new tap `TAP` with the guest MAC `GUEST_MAC` and `args` added.
     pub fn start(name: &str, args: &[&str]) -> Self {
         let mac = format_mac(GUEST_MAC);
-        let mut all = vec!["--tap", TAP, "--mac", &mac];
+        let mut all = vec!["--tap", TAP, "--mac", &mac, "--log-level", "debug"];
         all.extend_from_slice(args);
         Self::start_raw(name, &all, None)
     }
