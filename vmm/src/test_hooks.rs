@@ -29,6 +29,7 @@ mod imp {
         let parse = match option {
             kinds::blk::OPTION => kinds::blk::parse,
             kinds::fs::OPTION => kinds::fs::parse,
+            kinds::net::OPTION => kinds::net::parse,
             kinds::rng::OPTION => kinds::rng::parse,
             kinds::vsock::OPTION => kinds::vsock::parse,
             kinds::generic::OPTION => kinds::generic::parse,

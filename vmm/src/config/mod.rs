@@ -77,6 +77,20 @@ pub struct Cli {
     #[arg(long, value_name = "path=FILE|socket=PATH[,...]")]
     pub disk: Vec<String>,
 
+    /// A virtio-net NIC served by a vhost-user-net process; repeat for more NICs.
+    /// "tap=NAME[,ip=A.B.C.D,mask=M.M.M.M][,host_mac=MAC][,mtu=N]" makes cloister open (or
+    /// create) the tap NAME, with one queue per queue pair, configure its host side and start
+    /// vhost-user-net with it, handing over the tap's descriptors (the backend needs no
+    /// privilege); no tap= lets the kernel pick a name (vmtapN). "socket=PATH" (or
+    /// "vhost_user=true,socket=PATH") connects to a backend someone else started (ours,
+    /// OVS-DPDK, DPDK's net_vhost...); with vhost_mode=server cloister listens on PATH and waits
+    /// (60 s, at start-up only) for the backend to connect. mac=MAC is the guest's (default: a
+    /// stable, locally administered one), num_queues=N counts receive and transmit queues
+    /// (even, default 2), offload_tso|offload_ufo|offload_csum=off turn offloads off. The
+    /// control queue is the backend's: a backend without one gets one queue pair.
+    #[arg(long, value_name = "tap=NAME|socket=PATH[,...]")]
+    pub net: Vec<String>,
+
     /// A virtio-fs share: "tag=TAG,socket=PATH" connects to a virtiofsd someone else started
     /// (any standard one); "tag=TAG,path=DIR[,readonly=on][,cache=auto|always|never]" makes
     /// cloister start the Rust virtiofsd for DIR and stop it with the VM. num_queues=N is the
@@ -268,8 +282,9 @@ type KindParser = fn(&str, SeccompMode) -> Result<DeviceSpec, OptionError>;
 /// Every device option, each by its kind's parser; then the limits that span options: ids
 /// are unique, and each transport has room.
 fn parse_devices(cli: &Cli) -> Result<Vec<DeviceSpec>, ConfigError> {
-    let options: [(&'static str, &[String], KindParser); 5] = [
+    let options: [(&'static str, &[String], KindParser); 6] = [
         (kinds::blk::OPTION, &cli.disk, kinds::blk::parse),
+        (kinds::net::OPTION, &cli.net, kinds::net::parse),
         (kinds::fs::OPTION, &cli.fs, kinds::fs::parse),
         (kinds::rng::OPTION, cli.rng.as_slice(), kinds::rng::parse),
         (

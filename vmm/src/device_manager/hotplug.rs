@@ -19,7 +19,7 @@ use crate::config::device::TransportKind;
 use crate::kinds::DeviceSpec;
 
 enum Request {
-    Add(DeviceSpec, Sender<Result<DeviceInfo, DeviceManagerError>>),
+    Add(Box<DeviceSpec>, Sender<Result<DeviceInfo, DeviceManagerError>>),
     Remove(String, Sender<Result<(), DeviceManagerError>>),
 }
 
@@ -34,7 +34,7 @@ impl Hotplug {
     pub fn add(&self, spec: DeviceSpec) -> Result<DeviceInfo, DeviceManagerError> {
         let (tx, rx) = mpsc::channel();
         self.requests
-            .send(Request::Add(spec, tx))
+            .send(Request::Add(Box::new(spec), tx))
             .map_err(|_| DeviceManagerError::Closed)?;
         rx.recv().unwrap_or(Err(DeviceManagerError::Closed))
     }
@@ -80,7 +80,7 @@ fn serve(manager: &Mutex<DeviceManager>, requests: Receiver<Request>) {
     while let Ok(r) = requests.recv() {
         match r {
             Request::Add(spec, reply) => {
-                let _ = reply.send(add(manager, spec));
+                let _ = reply.send(add(manager, *spec));
             }
             Request::Remove(id, reply) => {
                 let _ = reply.send(remove(manager, &id));
@@ -92,6 +92,12 @@ fn serve(manager: &Mutex<DeviceManager>, requests: Receiver<Request>) {
 fn add(manager: &Mutex<DeviceManager>, spec: DeviceSpec) -> Result<DeviceInfo, DeviceManagerError> {
     if spec.transport == TransportKind::Mmio {
         return Err(DeviceManagerError::MmioAtRunTime(format!(
+            "{} {}",
+            spec.option, spec.value
+        )));
+    }
+    if matches!(spec.backend, crate::kinds::Backend::Listen(_)) {
+        return Err(DeviceManagerError::ListenAtRunTime(format!(
             "{} {}",
             spec.option, spec.value
         )));

@@ -74,6 +74,8 @@ pub enum DeviceManagerError {
     NoSuchDevice(String),
     #[error("{0}: virtio-mmio devices are described to the guest at boot; only PCI devices can be added to a running VM")]
     MmioAtRunTime(String),
+    #[error("{0}: cloister listens for a backend (vhost_mode=server) only at start-up: its sandbox has no rule for a socket directory named later")]
+    ListenAtRunTime(String),
     #[error("the VM is stopping")]
     Closed,
 }
@@ -232,7 +234,7 @@ impl DeviceManager {
             }
         }
         let socket_path = match &spec.backend {
-            Backend::Socket(p) => p.clone(),
+            Backend::Socket(p) | Backend::Listen(p) => p.clone(),
             Backend::Managed(_) => self
                 .runtime_dir
                 .as_ref()
@@ -261,7 +263,7 @@ impl DeviceManager {
                 .spawner
                 .as_ref()
                 .ok_or(DeviceManagerError::Closed)?
-                .spawn(&profile.program, &args)
+                .spawn(&profile.program, &args, profile.tap.as_ref())
                 .map_err(|e| DeviceManagerError::Spawn(device.label(), e))?;
             // Where the backend really listens (some add a suffix to the path they are given).
             let mut listening = device.socket_path.clone().into_os_string();

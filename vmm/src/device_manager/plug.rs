@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::device::{Device, Place, Plugged};
 use super::{Buses, DeviceManagerError, CONNECT_TIMEOUT};
 use crate::config::device::TransportKind;
+use crate::kinds::Backend;
 use crate::layout::VIRTIO_MMIO_SIZE;
 use crate::memory::GuestMemoryMmap;
 use crate::supervisor::{self, SpawnedProcess};
@@ -17,6 +18,10 @@ use crate::vhost_user::{Connection, VhostUserDevice};
 use crate::virtio::mmio_transport::VirtioMmioDevice;
 use crate::virtio::pci_transport::{self, VirtioPciDevice};
 use crate::virtio::VirtioTransport;
+
+/// How long cloister waits for a backend to connect to it (`vhost_mode=server`): the operator
+/// may start it after the VM.
+pub const SERVER_MODE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A device whose backend is connected and negotiated, not in the VM yet.
 pub struct Connected {
@@ -35,8 +40,13 @@ pub fn connect(mut d: Device, memory: &GuestMemoryMmap) -> Result<Connected, Dev
     d.failed = true;
     let label = d.label();
     let connect_error = |e| DeviceManagerError::Connect(label.clone(), e);
-    let queues = u16::try_from(d.spec.queue_sizes.len()).unwrap_or(u16::MAX);
-    let stream = {
+    // The backend must serve the queues the kind cannot do without; the device then gets as
+    // many of the rest as the backend has (`DeviceKind::usable_queues`).
+    let required = d.spec.kind.required_queues(d.spec.queue_sizes.len());
+    let queues = u16::try_from(required).unwrap_or(u16::MAX);
+    let stream = if matches!(d.spec.backend, Backend::Listen(_)) {
+        connection::accept(&d.socket_path, SERVER_MODE_WAIT).map_err(connect_error)?
+    } else {
         let process = &mut d.process;
         connection::connect(&d.socket_path, CONNECT_TIMEOUT, &mut || match process
             .as_mut()

@@ -123,6 +123,7 @@ pub fn parse(value: &str, seccomp: SeccompMode) -> Result<DeviceSpec, OptionErro
                         writable: !readonly,
                     },
                 }],
+                tap: None,
             })
         }
     };
@@ -133,7 +134,7 @@ pub fn parse(value: &str, seccomp: SeccompMode) -> Result<DeviceSpec, OptionErro
         kind: Arc::new(Blk {
             backend: match &backend {
                 Backend::Managed(_) => "vhost-user-blk",
-                Backend::Socket(_) => "vhost-user-blk backend",
+                Backend::Socket(_) | Backend::Listen(_) => "vhost-user-blk backend",
             },
         }),
         backend,

@@ -106,12 +106,13 @@ pub fn parse(value: &str, seccomp: SeccompMode) -> Result<DeviceSpec, OptionErro
                     path: dir,
                     access: Access::Directory,
                 }],
+                tap: None,
             })
         }
     };
     let backend_name = match &backend {
         Backend::Managed(_) => "virtiofsd",
-        Backend::Socket(_) => "virtio-fs backend",
+        Backend::Socket(_) | Backend::Listen(_) => "virtio-fs backend",
     };
     Ok(DeviceSpec {
         option: OPTION,

@@ -6,6 +6,7 @@
 pub mod blk;
 pub mod fs;
 pub mod generic;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 
@@ -53,6 +54,9 @@ impl fmt::Debug for DeviceSpec {
 pub enum Backend {
     /// Someone else; it listens on this socket.
     Socket(PathBuf),
+    /// Someone else; cloister listens on this socket and the backend connects (its client
+    /// mode: `vhost_mode=server`).
+    Listen(PathBuf),
     /// cloister starts it, supervises it and stops it with the VM.
     Managed(SpawnProfile),
 }
@@ -68,6 +72,19 @@ pub struct SpawnProfile {
     pub socket_suffix: String,
     /// What the user named on the host, checked before anything starts.
     pub paths: Vec<HostPath>,
+    /// A tap the spawner opens (creating it if need be) and hands over as `--tap-fd`s.
+    pub tap: Option<TapRequest>,
+}
+
+/// A tap for a managed network backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TapRequest {
+    /// Empty: the kernel picks a free name.
+    pub name: String,
+    /// One tap queue per queue pair.
+    pub queues: u16,
+    /// The host side's address, MAC and MTU; brought up in any case.
+    pub interface: cloister_tap::InterfaceConfig,
 }
 
 /// One argument of a managed backend.

@@ -40,12 +40,13 @@ pub fn parse(value: &str, _seccomp: SeccompMode) -> Result<DeviceSpec, OptionErr
                     path: src,
                     access: Access::Readable,
                 }],
+                tap: None,
             })
         }
     };
     let backend_name = match &backend {
         Backend::Managed(_) => "vhost-device-rng",
-        Backend::Socket(_) => "rng backend",
+        Backend::Socket(_) | Backend::Listen(_) => "rng backend",
     };
     Ok(DeviceSpec {
         option: OPTION,

@@ -54,6 +54,7 @@ pub fn parse(value: &str, _seccomp: SeccompMode) -> Result<DeviceSpec, OptionErr
             path: uds,
             access: Access::NewSocket,
         }],
+        tap: None,
     });
     Ok(DeviceSpec {
         option: OPTION,

@@ -25,9 +25,14 @@ use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cloister_tap::{Interface, InterfaceConfig, TapQueue};
+
 use super::process::{self, ManagedProcess, ProcessError, STOP_GRACE};
+use crate::kinds::TapRequest;
 
 const OP_SPAWN: u8 = b'S';
+/// A spawn with a tap: the spawner opens it and hands its queues over as `--tap-fd`s.
+const OP_SPAWN_WITH_TAP: u8 = b'N';
 const OP_STATUS: u8 = b'W';
 const OP_STOP: u8 = b'T';
 const REPLY_PID: u8 = b'P';
@@ -84,16 +89,28 @@ impl Spawner {
         self.pid
     }
 
-    /// Starts `program` (one of the allowed names) with `args`.
+    /// Starts `program` (one of the allowed names) with `args`, and with `tap`'s queues as
+    /// `--tap-fd` descriptors if it asks for one.
     pub fn spawn(
         self: &Arc<Self>,
         program: &str,
         args: &[OsString],
+        tap: Option<&TapRequest>,
     ) -> Result<SpawnedProcess, ProcessError> {
         if !self.programs.contains(&program) {
             return Err(ProcessError::Refused(program.to_string()));
         }
-        let mut msg = vec![OP_SPAWN];
+        let mut msg = match tap {
+            None => vec![OP_SPAWN],
+            Some(tap) => {
+                let mut msg = vec![OP_SPAWN_WITH_TAP];
+                for field in tap_fields(tap) {
+                    msg.extend_from_slice(field.as_bytes());
+                    msg.push(0);
+                }
+                msg
+            }
+        };
         msg.extend_from_slice(program.as_bytes());
         for a in args {
             msg.push(0);
@@ -313,6 +330,63 @@ fn serve(socket: OwnedFd, parent: libc::pid_t, programs: &[&str]) -> ! {
     unsafe { libc::_exit(0) }
 }
 
+/// A tap request as the spawner's message carries it: name, queues, ip, mask, MAC, MTU
+/// (empty when not given).
+fn tap_fields(tap: &TapRequest) -> [String; 6] {
+    let opt = |v: Option<String>| v.unwrap_or_default();
+    let i = &tap.interface;
+    [
+        tap.name.clone(),
+        tap.queues.to_string(),
+        opt(i.ip.map(|a| a.to_string())),
+        opt(i.mask.map(|a| a.to_string())),
+        opt(i.mac.map(|m| m.to_string())),
+        opt(i.mtu.map(|m| m.to_string())),
+    ]
+}
+
+fn parse_tap(fields: &[&[u8]]) -> Result<TapRequest, String> {
+    let text = |i: usize| -> Result<&str, String> {
+        std::str::from_utf8(fields.get(i).copied().unwrap_or_default())
+            .map_err(|_| "a tap field is not UTF-8".to_string())
+    };
+    fn opt<T: std::str::FromStr>(s: &str) -> Result<Option<T>, String> {
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse()
+            .map(Some)
+            .map_err(|_| format!("bad tap field '{s}'"))
+    }
+    Ok(TapRequest {
+        name: text(0)?.to_string(),
+        queues: text(1)?
+            .parse()
+            .map_err(|_| "bad tap queue count".to_string())?,
+        interface: InterfaceConfig {
+            ip: opt(text(2)?)?,
+            mask: opt(text(3)?)?,
+            mac: opt::<cloister_tap::MacAddr>(text(4)?)?,
+            mtu: opt(text(5)?)?,
+        },
+    })
+}
+
+/// Opens the tap's queues (creating the tap if it does not exist) and configures its host
+/// side; the descriptors are the backend's `--tap-fd`s.
+fn open_tap(tap: &TapRequest) -> Result<Vec<OwnedFd>, cloister_tap::Error> {
+    let name = if tap.name.is_empty() {
+        cloister_tap::DEFAULT_NAME_PATTERN
+    } else {
+        &tap.name
+    };
+    let queues = TapQueue::open_queues(name, usize::from(tap.queues.max(1)))?;
+    if let Some(first) = queues.first() {
+        Interface::new(first.name())?.configure(&tap.interface)?;
+    }
+    Ok(queues.into_iter().map(TapQueue::into_fd).collect())
+}
+
 fn handle(msg: &[u8], children: &mut HashMap<u32, ManagedProcess>, programs: &[&str]) -> Vec<u8> {
     let error = |text: String| {
         let mut r = vec![REPLY_ERROR];
@@ -329,15 +403,34 @@ fn handle(msg: &[u8], children: &mut HashMap<u32, ManagedProcess>, programs: &[&
         r
     };
     match msg.first() {
-        Some(&OP_SPAWN) => {
-            let mut fields = msg[1..].split(|&b| b == 0);
-            let name = String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
+        Some(&op @ (OP_SPAWN | OP_SPAWN_WITH_TAP)) => {
+            let fields: Vec<&[u8]> = msg[1..].split(|&b| b == 0).collect();
+            let (tap, rest) = if op == OP_SPAWN_WITH_TAP && fields.len() >= 6 {
+                match parse_tap(&fields[..6]) {
+                    Ok(tap) => (Some(tap), &fields[6..]),
+                    Err(e) => return error(e),
+                }
+            } else {
+                (None, &fields[..])
+            };
+            let name =
+                String::from_utf8_lossy(rest.first().copied().unwrap_or_default()).into_owned();
             if !programs.contains(&name.as_str()) {
                 return error(ProcessError::Refused(name).to_string());
             }
-            let args: Vec<OsString> = fields.map(|a| OsString::from_vec(a.to_vec())).collect();
-            let spawned =
-                process::find_program(&name).and_then(|path| ManagedProcess::spawn(&path, &args));
+            let mut args: Vec<OsString> = rest
+                .iter()
+                .skip(1)
+                .map(|a| OsString::from_vec(a.to_vec()))
+                .collect();
+            let fds = match tap.as_ref().map(open_tap).transpose() {
+                Ok(fds) => fds.unwrap_or_default(),
+                Err(e) => return error(crate::error_chain(&e)),
+            };
+            // They will be descriptors 3, 4, ... in the backend.
+            args.extend((0..fds.len()).map(|i| OsString::from(format!("--tap-fd={}", 3 + i))));
+            let spawned = process::find_program(&name)
+                .and_then(|path| ManagedProcess::spawn(&path, &args, fds));
             match spawned {
                 Ok(p) => {
                     let pid = p.pid();
@@ -380,34 +473,107 @@ mod tests {
     fn starts_reports_and_stops_only_what_it_may() {
         let spawner = Spawner::start(PROGRAMS).unwrap();
         let mut p = spawner
-            .spawn("sh", &["-c".into(), "exit 3".into()])
+            .spawn("sh", &["-c".into(), "exit 3".into()], None)
             .unwrap();
         let s = p.wait_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(s.code(), Some(3));
         let mut q = spawner
-            .spawn("sh", &["-c".into(), "while :; do sleep 1; done".into()])
+            .spawn(
+                "sh",
+                &["-c".into(), "while :; do sleep 1; done".into()],
+                None,
+            )
             .unwrap();
         assert!(q.try_wait().is_none());
         let (status, killed) = q.stop(Duration::from_secs(10));
         assert!(!killed);
         assert_eq!(status.and_then(|s| s.signal()), Some(libc::SIGTERM));
         assert!(matches!(
-            spawner.spawn("rm", &["-rf".into(), "/".into()]),
+            spawner.spawn("rm", &["-rf".into(), "/".into()], None),
             Err(ProcessError::Refused(_))
         ));
         // The spawner still answers after a refusal, and says when a program is missing.
         let missing = Spawner::start(&["no-such-backend-anywhere"]).unwrap();
-        let Err(e) = missing.spawn("no-such-backend-anywhere", &[]) else {
+        let Err(e) = missing.spawn("no-such-backend-anywhere", &[], None) else {
             panic!("started a program that does not exist");
         };
         assert!(e.to_string().contains("cannot find"), "{e}");
     }
 
     #[test]
+    fn a_backend_gets_the_queues_of_the_tap_it_asks_for() {
+        // In a network namespace of this test thread's own, which the spawner inherits.
+        // SAFETY: unshare(2) with a constant flag; affects only this thread.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            eprintln!(
+                "SKIPPED a_backend_gets_the_queues_of_the_tap_it_asks_for: no network namespace ({})",
+                io::Error::last_os_error()
+            );
+            return;
+        }
+        let out = std::env::temp_dir().join(format!("cloister-spawn-tap-{}", std::process::id()));
+        let spawner = Spawner::start(PROGRAMS).unwrap();
+        let tap = TapRequest {
+            name: "cltest0".into(),
+            queues: 2,
+            interface: InterfaceConfig {
+                ip: Some("192.168.250.1".parse().unwrap()),
+                mask: Some("255.255.255.0".parse().unwrap()),
+                mac: Some("02:00:00:00:00:09".parse().unwrap()),
+                mtu: Some(9000),
+            },
+        };
+        let script = format!(
+            "readlink /proc/$$/fd/3 /proc/$$/fd/4 >{0}; echo \"$0 $1\" >>{0}; exec sleep 30",
+            out.display()
+        );
+        let mut p = spawner
+            .spawn("sh", &["-c".into(), script.into()], Some(&tap))
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let text = loop {
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            if text.lines().count() >= 3 || std::time::Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(text, "/dev/net/tun\n/dev/net/tun\n--tap-fd=3 --tap-fd=4\n");
+        let interface = Interface::new("cltest0").unwrap();
+        assert_eq!(interface.mtu().unwrap(), 9000);
+        assert_eq!(interface.mac().unwrap().to_string(), "02:00:00:00:00:09");
+        // The tap goes with the backend that holds it.
+        p.stop(Duration::from_secs(10));
+        let _ = std::fs::remove_file(&out);
+        let gone = Interface::new("cltest0").unwrap().mtu().is_err();
+        assert!(gone, "the tap outlived its backend");
+        // A tap the kernel cannot make is the spawner's answer, not a crash.
+        let bad = TapRequest {
+            name: "cltest1".into(),
+            queues: 1,
+            interface: InterfaceConfig {
+                // Multicast: no interface may have it.
+                mac: Some("01:00:00:00:00:01".parse().unwrap()),
+                ..InterfaceConfig::default()
+            },
+        };
+        let e = spawner.spawn("sh", &["-c".into(), "true".into()], Some(&bad));
+        assert!(
+            matches!(e, Err(ProcessError::Remote(_))),
+            "{:?}",
+            e.map(|p| p.pid())
+        );
+    }
+
+    #[test]
     fn its_backends_die_with_it() {
         let spawner = Spawner::start(PROGRAMS).unwrap();
         let mut p = spawner
-            .spawn("sh", &["-c".into(), "while :; do sleep 1; done".into()])
+            .spawn(
+                "sh",
+                &["-c".into(), "while :; do sleep 1; done".into()],
+                None,
+            )
             .unwrap();
         // SAFETY: SIGKILL to the spawner, our child.
         unsafe { libc::kill(spawner.pid(), libc::SIGKILL) };

@@ -42,6 +42,10 @@ pub enum ConnectionError {
     },
     #[error("cannot connect to {}", .0.display())]
     Connect(PathBuf, #[source] io::Error),
+    #[error("cannot listen on {} for the backend", .0.display())]
+    Listen(PathBuf, #[source] io::Error),
+    #[error("no backend connected to {} within {} s", .path.display(), .timeout.as_secs())]
+    AcceptTimeout { path: PathBuf, timeout: Duration },
     #[error("{0}")]
     BackendGone(String),
     #[error("cannot set up the connection")]
@@ -120,6 +124,64 @@ pub fn connect(
             }
             Err(e) => return Err(ConnectionError::Connect(path.to_path_buf(), e)),
         }
+    }
+}
+
+/// The backend's connection on `path`, where we listen (its client mode: `vhost_mode=server`),
+/// waiting at most `timeout`. A stale socket file there is replaced (anything else is not),
+/// and the file is removed once the backend is connected, or given up on.
+pub fn accept(path: &Path, timeout: Duration) -> Result<UnixStream, ConnectionError> {
+    let listen_error = |e| ConnectionError::Listen(path.to_path_buf(), e);
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(listen_error(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            )));
+        }
+        std::fs::remove_file(path).map_err(listen_error)?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(listen_error)?;
+    let accepted = wait_accept(&listener, timeout)
+        .map_err(listen_error)
+        .and_then(|stream| {
+            stream.ok_or_else(|| ConnectionError::AcceptTimeout {
+                path: path.to_path_buf(),
+                timeout,
+            })
+        });
+    let _ = std::fs::remove_file(path);
+    let stream = accepted?;
+    stream.set_nonblocking(false).map_err(listen_error)?;
+    Ok(stream)
+}
+
+fn wait_accept(
+    listener: &std::os::unix::net::UnixListener,
+    timeout: Duration,
+) -> io::Result<Option<UnixStream>> {
+    use std::os::fd::AsRawFd;
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => return Ok(Some(stream)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) };
     }
 }
 

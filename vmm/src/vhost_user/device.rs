@@ -28,6 +28,8 @@ pub struct VhostUserDevice {
     kind: Arc<dyn DeviceKind>,
     memory: GuestMemoryMmap,
     features: u64,
+    /// What of `features` the backend offered (the rest is ours: `DeviceKind::local_features`).
+    backend_features: u64,
     queue_sizes: Vec<u16>,
     config: Vec<u8>,
     /// Owns the connection; makes the requests that start and stop the queues.
@@ -52,20 +54,29 @@ impl VhostUserDevice {
             .negotiated()
             .protocol
             .contains(VhostUserProtocolFeatures::CONFIG);
-        let mut config = match kind.config_space() {
-            ConfigSpace::Local(bytes) => bytes,
+        let (mut config, local_config) = match kind.config_space() {
+            ConfigSpace::Local(bytes) => (bytes, true),
             ConfigSpace::BackendOr(len, _) | ConfigSpace::Backend(len) if offers_config => {
-                conn.get_config(len)?
+                (conn.get_config(len)?, false)
             }
-            ConfigSpace::BackendOr(_, bytes) => bytes,
+            ConfigSpace::BackendOr(_, bytes) => (bytes, true),
             ConfigSpace::Backend(_) => {
                 return Err(ConnectionError::MissingProtocolFeature("CONFIG"))
             }
         };
+        let offered = conn.negotiated().features;
+        let backend_features = offered & (kind.device_features() | TRANSPORT_FEATURES);
+        let mut queue_sizes = queue_sizes;
+        let usable = kind.usable_queues(
+            queue_sizes.len(),
+            backend_features,
+            conn.negotiated().queues,
+        );
+        queue_sizes.truncate(usable.max(kind.required_queues(queue_sizes.len())));
+        let backend_features = kind.adjust_features(backend_features, queue_sizes.len());
         let queues = u16::try_from(queue_sizes.len()).unwrap_or(u16::MAX);
         kind.adjust_config(&mut config, queues);
-        let offered = conn.negotiated().features;
-        let features = offered & (kind.device_features() | TRANSPORT_FEATURES);
+        let features = backend_features | kind.local_features(local_config);
         let control =
             Control::start(name, conn, memory.clone(), failures).map_err(ConnectionError::Setup)?;
         Ok(VhostUserDevice {
@@ -73,6 +84,7 @@ impl VhostUserDevice {
             kind,
             memory,
             features,
+            backend_features,
             queue_sizes,
             config,
             control,
@@ -156,8 +168,10 @@ impl VirtioDevice for VhostUserDevice {
             .into_iter()
             .map(|q| self.ring(q))
             .collect::<Result<Vec<_>, _>>()?;
-        // The transport made sure the driver's features are a subset of ours.
-        self.control.start_rings(features & self.features, rings);
+        // The transport made sure the driver's features are a subset of ours; the backend
+        // hears of those it offered.
+        self.control
+            .start_rings(features & self.backend_features, rings);
         Ok(())
     }
 

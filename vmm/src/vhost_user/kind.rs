@@ -27,6 +27,28 @@ pub trait DeviceKind: Send + Sync {
     fn unique_key(&self) -> Option<String> {
         None
     }
+    /// Device feature bits the VMM offers the guest itself, whatever the backend offers,
+    /// because their config fields are ours (a NIC's MAC when the config space is made
+    /// locally or the user gave one). Never passed to the backend unless it offered them.
+    /// `local_config`: the config space was made locally.
+    fn local_features(&self, _local_config: bool) -> u64 {
+        0
+    }
+    /// How many of the queues asked for the guest gets, given the device features the backend
+    /// offers (and we pass) and the queues it serves: a NIC's control queue only with a
+    /// backend that has one. At least [`DeviceKind::required_queues`].
+    fn usable_queues(&self, asked: usize, _features: u64, _available: u64) -> usize {
+        asked
+    }
+    /// The device features the guest is offered once it has `queues` queues (a NIC without
+    /// its control queue loses what needs it).
+    fn adjust_features(&self, features: u64, _queues: usize) -> u64 {
+        features
+    }
+    /// The fewest queues a backend must serve for `asked`.
+    fn required_queues(&self, asked: usize) -> usize {
+        asked
+    }
 }
 
 /// Every device-specific feature bit (0-23), for kinds whose features we pass through as
