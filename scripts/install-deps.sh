@@ -11,6 +11,8 @@ packages=(
     busybox-static e2fsprogs cpio lz4 binutils kmod debootstrap
     # Tools copied into the lab and the guest.
     iproute2 fio iperf3
+    # DPDK's testpmd, a third-party vhost-user frontend and backend for the network tests.
+    dpdk-dev
     # What the Rust virtiofsd builds against (cargo install, below).
     libcap-ng-dev libseccomp-dev pkg-config
 )

@@ -488,6 +488,28 @@ fn duplicate_tags_and_ids() {
 }
 
 #[test]
+fn net_options_name_their_problem() {
+    for (value, what) in [
+        ("num_queues=3", "num_queues: 3 is odd"),
+        ("tap=t0,mac=01:00:00:00:00:01", "multicast"),
+        ("tap=t0,mac=nonsense", "not a MAC address"),
+        ("tap=t0,ip=10.0.0.300", "not an IPv4 address"),
+        ("tap=t0,mask=255.255.255.0", "mask= needs ip="),
+        ("tap=t0,mtu=9", "mtu: 9 is out of range"),
+        ("tap=a-much-too-long-name", "not an interface name"),
+        ("socket=/run/n.sock,tap=t0", "tap= only applies"),
+        ("vhost_user=true", "needs socket=PATH"),
+        ("vhost_mode=server", "needs socket=PATH"),
+        ("socket=/run/n.sock,vhost_mode=both", "not client or server"),
+        ("tap=t0,offload_tso=perhaps", "offload_tso"),
+        ("tap=t0,fd=3", "unknown key 'fd'"),
+    ] {
+        let r = run_with_kernel(&["--net", value]);
+        assert_usage_error(&r, &format!("--net {value}"), what);
+    }
+}
+
+#[test]
 fn new_device_options_name_their_problem() {
     for (option, value, what) in [
         ("--fs", "socket=/run/a.sock", "needs tag=TAG"),

@@ -45,6 +45,7 @@ use crate::config::{Args, Config, TapSource};
 use crate::error::Error;
 
 const NAME: &str = "vhost-user-net";
+const DEFAULT_MTU: u16 = 1500;
 
 fn main() -> ExitCode {
     cloister_backends::cli::main(NAME, run)
@@ -64,7 +65,12 @@ fn run(args: Args) -> Result<(), Error> {
         .unwrap_or_default();
     let mtu = match config.mtu {
         Some(mtu) => mtu,
-        None => Interface::new(&name)?.mtu()?,
+        // A tap handed over may belong to another network namespace, where its name means
+        // nothing here: then the Ethernet default (cloister passes --mtu).
+        None => Interface::new(&name)?.mtu().unwrap_or_else(|e| {
+            log::warn!("{e}; offering the guest an MTU of {DEFAULT_MTU} (give --mtu)");
+            DEFAULT_MTU
+        }),
     };
     let mac = config
         .mac

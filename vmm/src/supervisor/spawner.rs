@@ -374,17 +374,30 @@ fn parse_tap(fields: &[&[u8]]) -> Result<TapRequest, String> {
 
 /// Opens the tap's queues (creating the tap if it does not exist) and configures its host
 /// side; the descriptors are the backend's `--tap-fd`s.
-fn open_tap(tap: &TapRequest) -> Result<Vec<OwnedFd>, cloister_tap::Error> {
+fn open_tap(tap: &TapRequest) -> Result<OpenedTap, cloister_tap::Error> {
     let name = if tap.name.is_empty() {
         cloister_tap::DEFAULT_NAME_PATTERN
     } else {
         &tap.name
     };
     let queues = TapQueue::open_queues(name, usize::from(tap.queues.max(1)))?;
+    let mut mtu = tap.interface.mtu;
     if let Some(first) = queues.first() {
-        Interface::new(first.name())?.configure(&tap.interface)?;
+        let interface = Interface::new(first.name())?;
+        interface.configure(&tap.interface)?;
+        mtu = Some(interface.mtu()?);
     }
-    Ok(queues.into_iter().map(TapQueue::into_fd).collect())
+    Ok(OpenedTap {
+        fds: queues.into_iter().map(TapQueue::into_fd).collect(),
+        mtu,
+    })
+}
+
+/// A tap's queues for a backend, and its MTU (the backend runs in a network namespace of its
+/// own, where it cannot look the tap up by name).
+struct OpenedTap {
+    fds: Vec<OwnedFd>,
+    mtu: Option<u16>,
 }
 
 fn handle(msg: &[u8], children: &mut HashMap<u32, ManagedProcess>, programs: &[&str]) -> Vec<u8> {
@@ -424,7 +437,14 @@ fn handle(msg: &[u8], children: &mut HashMap<u32, ManagedProcess>, programs: &[&
                 .map(|a| OsString::from_vec(a.to_vec()))
                 .collect();
             let fds = match tap.as_ref().map(open_tap).transpose() {
-                Ok(fds) => fds.unwrap_or_default(),
+                Ok(Some(opened)) => {
+                    // The MTU is said when the request did not (it then set it itself).
+                    if let (Some(mtu), Some(None)) = (opened.mtu, tap.as_ref().map(|t| t.interface.mtu)) {
+                        args.push(OsString::from(format!("--mtu={mtu}")));
+                    }
+                    opened.fds
+                }
+                Ok(None) => Vec::new(),
                 Err(e) => return error(crate::error_chain(&e)),
             };
             // They will be descriptors 3, 4, ... in the backend.
