@@ -31,6 +31,8 @@ pub enum Error {
     Accept(#[source] VhostUserDaemonError),
     #[error("cannot prepare the device for a connection")]
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot relay the frontend's connection")]
+    Relay(#[source] io::Error),
     #[error("cannot install the stop signal handler")]
     Signals(#[source] io::Error),
     #[error("cannot enter the sandbox")]

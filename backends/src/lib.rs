@@ -18,6 +18,7 @@ pub mod guest_memory;
 pub mod logging;
 pub mod options;
 pub mod poll;
+pub mod relay;
 pub mod sandbox;
 pub mod server;
 pub mod signals;

@@ -9,6 +9,7 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringEpollHandler};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::error::{Error, VhostUserDaemonError};
+use crate::relay::Relay;
 use crate::signals::Stop;
 use crate::socket::SocketListener;
 use crate::worker_exit::WorkerExits;
@@ -41,6 +42,12 @@ pub trait Device {
     /// Called after the connection's worker threads have stopped: finish or abandon in-flight
     /// work and drop everything tied to this connection's guest memory.
     fn disconnect(&self, backend: &Self::Backend);
+
+    /// Whether frontends reach this device through the [`Relay`], for those (QEMU's
+    /// virtio-net) that enable rings before they acknowledge features.
+    fn relay_frontend(&self) -> bool {
+        false
+    }
 }
 
 /// Serves `device` on `listener` until `stop` is requested. A frontend that disconnects, or a
@@ -60,10 +67,29 @@ where
     let mut connections: u64 = 0;
     while listener.wait_for_frontend(stop)? {
         connections += 1;
-        serve_one(name, device, stop, connections, |daemon| {
-            daemon.start(listener.listener())
-        })
-        .map_err(|e| match e {
+        let served = if device.relay_frontend() {
+            let frontend = match listener.listener().accept() {
+                Ok(Some(stream)) => stream,
+                // Gone between poll and accept.
+                Ok(None) => continue,
+                Err(e) => {
+                    return Err(Error::Accept(VhostUserDaemonError(
+                        vhost_user_backend::Error::CreateBackendListener(e),
+                    )))
+                }
+            };
+            let mut relay = Relay::start(frontend).map_err(Error::Relay)?;
+            let served = serve_one(name, device, stop, connections, |daemon| {
+                daemon.start(&mut relay.listener)
+            });
+            relay.join();
+            served
+        } else {
+            serve_one(name, device, stop, connections, |daemon| {
+                daemon.start(listener.listener())
+            })
+        };
+        served.map_err(|e| match e {
             Served::Failed(e) => e,
             Served::NotStarted(e) => Error::Accept(e),
         })?;
@@ -94,9 +120,27 @@ where
     let mut connections: u64 = 0;
     let mut waiting = false;
     while !stop.requested() {
-        match serve_one(name, device, stop, connections + 1, |daemon| {
-            daemon.start_client(path)
-        }) {
+        let served = if device.relay_frontend() {
+            match std::os::unix::net::UnixStream::connect(socket).and_then(Relay::start) {
+                Ok(mut relay) => {
+                    let served = serve_one(name, device, stop, connections + 1, |daemon| {
+                        daemon.start(&mut relay.listener)
+                    });
+                    relay.join();
+                    served
+                }
+                Err(e) => Err(Served::NotStarted(VhostUserDaemonError(
+                    vhost_user_backend::Error::CreateBackendReqHandler(
+                        vhost::vhost_user::Error::SocketConnect(e),
+                    ),
+                ))),
+            }
+        } else {
+            serve_one(name, device, stop, connections + 1, |daemon| {
+                daemon.start_client(path)
+            })
+        };
+        match served {
             Ok(()) => {
                 connections += 1;
                 waiting = false;

@@ -575,7 +575,8 @@ fn blk_io() -> Vec<Rule> {
 }
 
 /// A client backend (`--client`) connects to the frontend's socket, again after each
-/// disconnect (Landlock allows that one socket only).
+/// disconnect (Landlock allows that one directory only); and every connection goes through a
+/// relay (`cloister_backends::relay`) over an abstract socket of the process's own.
 fn backend_connect() -> Vec<Rule> {
     use libc::*;
     vec![
@@ -585,7 +586,9 @@ fn backend_connect() -> Vec<Rule> {
             &[AF_UNIX as u64],
             "a unix socket to connect to the frontend (--client)",
         ),
-        allow(SYS_connect, "connects to the frontend's socket (--client)"),
+        allow(SYS_connect, "connects to the frontend's socket (--client), and the relay to its own abstract socket"),
+        allow(SYS_bind, "the relay's abstract socket (no file) between a frontend and vhost-user-backend"),
+        allow(SYS_listen, "the relay's abstract socket"),
     ]
 }
 

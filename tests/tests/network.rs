@@ -75,16 +75,16 @@ fn scenarios() -> Vec<Scenario> {
             busybox httpd -f -p 10.10.0.1:8080 -h /tmp/www &
             httpd=$!
             iperf3 -s -D -B 10.10.0.1
-            rx0=$(cat /sys/class/net/ctap0/statistics/rx_packets)
             if wait_guest "$RESULTS_DIR/guest.console" "CLOISTER-NET serving" 3000; then
                 mark guest.big "$(wget -q -O - http://10.10.0.2:8080/big | sha256sum | cut -d' ' -f1)"
                 touch /tmp/www/fetched
             fi
-            # The guest's iperf3 upload follows: its frames, as the tap got them.
+            # The guest's uploads (its 100 MiB, then iperf3): its frames, as the tap got them,
+            # counted before the tap goes with the VM.
             wait_guest "$RESULTS_DIR/guest.console" "iperf_up=" 3000
-            wait_vm_exit 3000
             mark tap.rx_bytes "$(cat /sys/class/net/ctap0/statistics/rx_bytes 2>/dev/null)"
             mark tap.rx_packets "$(cat /sys/class/net/ctap0/statistics/rx_packets 2>/dev/null)"
+            wait_vm_exit 3000
             ip link show ctap0 >/dev/null 2>&1 || mark tap.gone yes
             show vm.log guest.console
             rm -rf /tmp/www
@@ -246,7 +246,7 @@ fn a_managed_nic_moves_data_both_ways_on_two_queue_pairs_with_offloads() {
         expect_field(o, nic, "mq", "1");
         expect_field(o, nic, "ctrl_vq", "1");
         let irqs = rx_queue_interrupts(o);
-        if irqs.len() != 2 || irqs.iter().any(|&n| n == 0) {
+        if irqs.len() != 2 || irqs.contains(&0) {
             o.fail(&format!("receive interrupts per queue: {irqs:?}"));
         }
         // Offloads negotiated, and the guest's segments reach the tap larger than the MTU.
@@ -275,7 +275,9 @@ fn jumbo_frames_and_two_nics() {
         let mac1 = field(o, "CLOISTER-NET-1 ", "mac");
         let first: u8 = u8::from_str_radix(mac1.get(..2).unwrap_or("01"), 16).unwrap_or(1);
         if first & 3 != 2 {
-            o.fail(&format!("default MAC {mac1} is not locally administered unicast"));
+            o.fail(&format!(
+                "default MAC {mac1} is not locally administered unicast"
+            ));
         }
     });
 }
@@ -322,7 +324,9 @@ fn operator_launched_backend_and_server_mode() {
             .matches("CLOISTER-GUEST-RESULT test=netcheck rc=0")
             .count();
         if passed != 2 {
-            o.fail(&format!("{passed} of the 2 guests passed (operator, server mode)"));
+            o.fail(&format!(
+                "{passed} of the 2 guests passed (operator, server mode)"
+            ));
         }
     });
 }

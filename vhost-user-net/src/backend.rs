@@ -139,10 +139,18 @@ impl Device for NetDevice {
         Ok(())
     }
 
+    /// QEMU enables a NIC's rings before it acknowledges features.
+    fn relay_frontend(&self) -> bool {
+        true
+    }
+
     fn disconnect(&self, backend: &Self::Backend) {
         for (i, worker) in self.shared.workers.iter().enumerate() {
-            let worker = lock(worker);
-            let c = worker.counters();
+            let c = lock(worker).take_counters();
+            if c.rx_frames + c.tx_frames + c.rx_dropped + c.tx_dropped == 0 {
+                // Also a connection that never started (a client waiting for its frontend).
+                continue;
+            }
             log::info!(
                 "pair {i}: {} frames received, {} sent, {} and {} dropped",
                 c.rx_frames,

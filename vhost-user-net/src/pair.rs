@@ -92,8 +92,9 @@ impl PairWorker {
         &self.tap
     }
 
-    pub fn counters(&self) -> Counters {
-        self.counters
+    /// What moved since the last call (a connection's worth).
+    pub fn take_counters(&mut self) -> Counters {
+        std::mem::take(&mut self.counters)
     }
 
     /// A reset or a disconnect: the frame held is for a driver that is gone.

@@ -37,7 +37,14 @@ fn testpmd(
     let prefix = format!("cloister-{}-{mode}", std::process::id());
     let child = Command::new("timeout")
         .args(["-s", "INT", &seconds.to_string(), TESTPMD])
-        .args(["--no-huge", "-m", "256", "--no-pci", "--file-prefix", &prefix])
+        .args([
+            "--no-huge",
+            "-m",
+            "256",
+            "--no-pci",
+            "--file-prefix",
+            &prefix,
+        ])
         .args(["--vdev", &vdev, "--"])
         .args(["--total-num-mbufs=8192", "-a", "--stats-period", "1"])
         .arg(format!("--forward-mode={mode}"))
@@ -81,9 +88,16 @@ fn tap_counters() -> (u64, u64) {
         .unwrap_or_else(|| panic!("no {TAP} in /proc/thread-self/net/dev:\n{dev}"));
     let fields: Vec<u64> = line
         .split_once(':')
-        .map(|(_, rest)| rest.split_whitespace().filter_map(|f| f.parse().ok()).collect())
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
-    (fields.get(1).copied().unwrap_or(0), fields.get(9).copied().unwrap_or(0))
+    (
+        fields.get(1).copied().unwrap_or(0),
+        fields.get(9).copied().unwrap_or(0),
+    )
 }
 
 #[test]

@@ -22,14 +22,17 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match words.as_slice() {
-        ["feed", iface, size, secs] => number(size).and_then(|s| {
-            seconds(secs).and_then(|d| feed(iface, s, d))
-        }),
-        ["write", tap, size, secs] => number(size).and_then(|s| {
-            seconds(secs).and_then(|d| write_tap(tap, s, d))
-        }),
+        ["feed", iface, size, secs] => {
+            number(size).and_then(|s| seconds(secs).and_then(|d| feed(iface, s, d)))
+        }
+        ["write", tap, size, secs] => {
+            number(size).and_then(|s| seconds(secs).and_then(|d| write_tap(tap, s, d)))
+        }
         ["read", tap, secs] => seconds(secs).and_then(|d| read_tap(tap, d)),
-        _ => Err("usage: net-tap feed IFACE SIZE SECONDS | write TAP SIZE SECONDS | read TAP SECONDS".into()),
+        _ => Err(
+            "usage: net-tap feed IFACE SIZE SECONDS | write TAP SIZE SECONDS | read TAP SECONDS"
+                .into(),
+        ),
     };
     match result {
         Ok((frames, elapsed)) => {
@@ -91,7 +94,10 @@ fn feed(iface: &str, size: usize, d: Duration) -> Result<(u64, Duration), String
     // SAFETY: socket(2) with constant arguments; owned right after.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return Err(format!("packet socket: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: a fresh descriptor.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };

@@ -19,7 +19,10 @@ use crate::config::device::TransportKind;
 use crate::kinds::DeviceSpec;
 
 enum Request {
-    Add(Box<DeviceSpec>, Sender<Result<DeviceInfo, DeviceManagerError>>),
+    Add(
+        Box<DeviceSpec>,
+        Sender<Result<DeviceInfo, DeviceManagerError>>,
+    ),
     Remove(String, Sender<Result<(), DeviceManagerError>>),
 }
 

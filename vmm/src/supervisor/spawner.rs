@@ -439,7 +439,9 @@ fn handle(msg: &[u8], children: &mut HashMap<u32, ManagedProcess>, programs: &[&
             let fds = match tap.as_ref().map(open_tap).transpose() {
                 Ok(Some(opened)) => {
                     // The MTU is said when the request did not (it then set it itself).
-                    if let (Some(mtu), Some(None)) = (opened.mtu, tap.as_ref().map(|t| t.interface.mtu)) {
+                    if let (Some(mtu), Some(None)) =
+                        (opened.mtu, tap.as_ref().map(|t| t.interface.mtu))
+                    {
                         args.push(OsString::from(format!("--mtu={mtu}")));
                     }
                     opened.fds
