@@ -281,3 +281,98 @@ fn the_report_parser_reads_every_pair() {
         ]
     );
 }
+
+/// Moves this test's thread, and so the cloister it starts (and its spawner and backends),
+/// into a network namespace of its own, where the taps it makes are its alone.
+fn own_network_namespace(test: &str) -> bool {
+    // SAFETY: unshare(2) with a constant flag; affects only the calling thread.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        eprintln!(
+            "SKIP {test}: cannot make a network namespace ({})",
+            std::io::Error::last_os_error()
+        );
+        return false;
+    }
+    true
+}
+
+/// Whether interface `name` exists in this thread's network namespace.
+fn link_exists(name: &str) -> bool {
+    std::fs::read_to_string("/proc/thread-self/net/dev")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.trim_start().starts_with(&format!("{name}:")))
+}
+
+fn status_field(pid: u32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{key}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_managed_nic_gets_its_tap_as_descriptors_and_no_privilege() {
+    let test = "a_managed_nic_gets_its_tap_as_descriptors_and_no_privilege";
+    if !ready(test) || !own_network_namespace(test) {
+        return;
+    }
+    let runtime = fresh_dir("host-net-managed-run");
+    let mut vm = Vm::start(
+        &runtime,
+        &[
+            "--net".into(),
+            "tap=hnet0,ip=10.99.0.1,mask=255.255.255.0,mtu=1400,num_queues=4".into(),
+        ],
+        "",
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let backend = loop {
+        if let Some(pid) = process_named("vhost-user-net", "--tap-fd=4") {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no vhost-user-net with two tap queues"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The tap, as asked, in this namespace; the backend holds its queues, and nothing more.
+    let tap = cloister_tap::Interface::new("hnet0").expect("socket");
+    assert_eq!(tap.mtu().expect("the tap exists"), 1400);
+    for fd in [3, 4] {
+        let target = std::fs::read_link(format!("/proc/{backend}/fd/{fd}")).expect("fd");
+        assert_eq!(target, Path::new("/dev/net/tun"), "descriptor {fd}");
+    }
+    // Once confined (it serves cloister by then: cloister connected before its sandbox).
+    assert_eq!(status_field(backend, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(backend, "Seccomp"), "2");
+    assert_eq!(vm.stop(), Ok(143));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while link_exists("hnet0") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!link_exists("hnet0"), "the tap outlived its VM");
+}
+
+#[test]
+fn a_managed_nic_added_and_removed_20_times_leaves_nothing_behind() {
+    let test = "a_managed_nic_added_and_removed_20_times_leaves_nothing_behind";
+    if !ready(test) || !own_network_namespace(test) {
+        return;
+    }
+    let runtime = fresh_dir("host-net-hotplug-run");
+    let rounds = 20;
+    let mut vm = Vm::start(&runtime, &[], &format!("--net tap=hnet1,id=nic*{rounds}"));
+    let first = vm.wait_line("test hook: hotplug: added", Duration::from_secs(60));
+    assert!(first.ends_with("added nic at 0000:00:01.0"), "{first}");
+    let report = vm.wait_line("rounds:", Duration::from_secs(300));
+    eprintln!("{report}");
+    expect_nothing_left(&report, rounds);
+    assert!(!link_exists("hnet1"), "the last round's tap is still there");
+    assert_eq!(vm.stop(), Ok(143));
+}
