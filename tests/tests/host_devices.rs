@@ -322,7 +322,7 @@ fn a_managed_nic_gets_its_tap_as_descriptors_and_no_privilege() {
         return;
     }
     let runtime = fresh_dir("host-net-managed-run");
-    let mut vm = Vm::start(
+    let vm = Vm::start(
         &runtime,
         &[
             "--net".into(),
