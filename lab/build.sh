@@ -186,11 +186,7 @@ make_ext4() {
 lab_tools=(
     /usr/bin/qemu-system-x86_64 /usr/bin/qemu-storage-daemon /usr/bin/qemu-img
     /usr/bin/fio /usr/bin/iperf3 /usr/sbin/ip /usr/sbin/bridge /usr/sbin/debugfs
-    /usr/bin/dpdk-testpmd
 )
-# The DPDK drivers dpdk-testpmd loads as plugins for the network tests (a vhost-user net
-# backend, virtio-user, their bus and mempool), from Debian's dpdk.
-dpdk_pmds=(bus_vdev mempool_ring net_vhost net_virtio)
 lab_modules=(irqbypass kvm kvm_amd kvm_intel tun bridge veth vhost_net vhost_vsock
     virtio_pci virtio_blk virtio_net virtio_console ext4 fuse virtiofs)
 # Third-party vhost-user backends cloister starts or tests against, from crates.io
@@ -214,7 +210,7 @@ build_lab() {
         cat "$here/build.sh" "$here"/l1/*
         echo "$KERNEL_DIR"
         for f in qemu-system-x86 qemu-system-common qemu-system-data seabios fio iperf3 iproute2 \
-            busybox-static e2fsprogs libc6 dpdk; do echo "$f $(pkg_version "$f")"; done
+            busybox-static e2fsprogs libc6; do echo "$f $(pkg_version "$f")"; done
     } | hash_of)
     dir="$cache/lab-$key"
     if [ ! -f "$dir/done" ]; then
@@ -223,11 +219,6 @@ build_lab() {
         root=$tmp/root
         busybox_root "$root"
         copy_with_libs "$root" "${lab_tools[@]}"
-        for f in "${dpdk_pmds[@]}"; do
-            f=$(ls /usr/lib/x86_64-linux-gnu/dpdk/pmds-*/librte_"$f".so)
-            install -D -m 0755 "$(readlink -f "$f")" "$root$f"
-            copy_libs_of "$root" "$f"
-        done
         # Debian's busybox shell runs its own applets before anything on PATH (so `ip` would
         # be busybox's, without `tuntap`); scenarios get dash as /bin/sh, as on a Debian host.
         copy_with_libs "$root" /usr/bin/dash

@@ -376,3 +376,129 @@ fn a_managed_nic_added_and_removed_20_times_leaves_nothing_behind() {
     assert!(!link_exists("hnet1"), "the last round's tap is still there");
     assert_eq!(vm.stop(), Ok(143));
 }
+
+/// DPDK's `dpdk-testpmd` with a `net_vhost` port (DPDK's vhost library as the backend) on
+/// `iface`, its output in `log`.
+fn testpmd_vhost(iface: &str, prefix: &str, log: &Path) -> Option<Child> {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("dpdk-testpmd").is_file()));
+    if !found {
+        return None;
+    }
+    let mut command = Command::new("dpdk-testpmd");
+    command
+        .args([
+            "--no-huge",
+            "-m",
+            "256",
+            "--no-pci",
+            "--file-prefix",
+            prefix,
+        ])
+        .arg("--vdev")
+        .arg(format!("net_vhost0,iface={iface}"))
+        .args([
+            "--",
+            "--total-num-mbufs=4096",
+            "--forward-mode=icmpecho",
+            "-a",
+        ])
+        .args(["--stats-period", "1"]);
+    let out = std::fs::File::create(log).expect("log");
+    let err = out.try_clone().expect("log");
+    command
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .ok()
+}
+
+fn wait_for_text(path: &Path, text: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path).is_ok_and(|t| t.contains(text)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn stop_testpmd(mut tp: Child) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(tp.id() as libc::pid_t, libc::SIGINT) };
+    let _ = payload::wait_or_kill(&mut tp, Duration::from_secs(10));
+}
+
+/// The vhost-user handshake with a third-party net backend, both ways: cloister connects to
+/// DPDK's vhost library, then listens and DPDK connects (its client=1). The tiny payload never
+/// drives the NIC; what is checked is that both sides take each other's connection,
+/// negotiation and memory table, and cloister runs on.
+#[test]
+fn cloister_and_dpdk_vhost_connect_either_way() {
+    let test = "cloister_and_dpdk_vhost_connect_either_way";
+    if !ready(test) {
+        return;
+    }
+    let dir = fresh_dir("host-net-dpdk");
+    let runtime = fresh_dir("host-net-dpdk-run");
+    let server_sock = dir.join("dpdk.sock");
+    let log = dir.join("testpmd-server.log");
+    let prefix = format!("cloister-test-{}", std::process::id());
+    let Some(tp) = testpmd_vhost(server_sock.to_str().unwrap(), &prefix, &log) else {
+        eprintln!("SKIP {test}: dpdk-testpmd is not installed (apt-get install dpdk-dev)");
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server_sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut vm = Vm::start(
+        &runtime,
+        &["--net".into(), format!("socket={}", server_sock.display())],
+        "",
+    );
+    let connected = wait_for_text(&log, "new device", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    let alive = vm.child.try_wait().expect("try_wait").is_none();
+    let stopped = vm.stop();
+    stop_testpmd(tp);
+    assert!(
+        connected,
+        "testpmd never saw cloister: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(alive, "cloister did not run on with DPDK's backend");
+    assert_eq!(stopped, Ok(143));
+
+    // cloister listens first, DPDK connects.
+    let listen_sock = dir.join("cloister.sock");
+    let log = dir.join("testpmd-client.log");
+    let mut vm = Vm::start(
+        &runtime,
+        &[
+            "--net".into(),
+            format!("socket={},vhost_mode=server", listen_sock.display()),
+        ],
+        "",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !listen_sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let iface = format!("{},client=1", listen_sock.display());
+    let tp = testpmd_vhost(&iface, &format!("{prefix}-c"), &log).expect("dpdk-testpmd");
+    let connected = wait_for_text(&log, "new device", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    let alive = vm.child.try_wait().expect("try_wait").is_none();
+    let stopped = vm.stop();
+    stop_testpmd(tp);
+    assert!(
+        connected,
+        "testpmd never reached cloister: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(alive, "cloister did not run on with DPDK's backend");
+    assert_eq!(stopped, Ok(143));
+}

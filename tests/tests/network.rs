@@ -2,8 +2,7 @@
 //! (ping, 100 MiB each way with checksums over TCP opened from either side, iperf3 both ways,
 //! two queue pairs both used, offloads negotiated and large segments reaching the tap), jumbo
 //! frames and two NICs, two guests on a bridge, a backend killed under a running guest, an
-//! operator-launched backend, cloister in server mode with our backend as the client, cloister
-//! against DPDK's vhost library (dpdk-testpmd's net_vhost) as client and as server, and QEMU
+//! operator-launched backend, cloister in server mode with our backend as the client, and QEMU
 //! driving our vhost-user-net.
 
 use std::time::Duration;
@@ -162,29 +161,6 @@ fn scenarios() -> Vec<Scenario> {
             wait "$op"; mark op.rc $?
             wait "$client"; mark client.rc $?
             show op.log vm.log op.console client.log vm2.log srv.console
-            "#,
-        ),
-        // DPDK's vhost library as the backend (dpdk-testpmd's net_vhost port, answering ARP
-        // and pings in icmpecho mode): cloister connects to it, then listens for it.
-        scenario(
-            "dpdk-backend",
-            r#"
-            testpmd() {
-                dpdk-testpmd --no-huge -m 512 --no-pci --file-prefix "$1"                     --vdev "net_vhost0,iface=$RESULTS_DIR/$1.sock$2" --                     --total-num-mbufs=8192 --forward-mode=icmpecho -a --stats-period 5                     >"$RESULTS_DIR/$1.log" 2>&1 &
-                tp=$!
-            }
-            testpmd dpdk-server ""
-            wait_socket "$RESULTS_DIR/dpdk-server.sock"
-            vm_net "$RESULTS_DIR/vm.log" c1 "cloister.nets=10.40.0.2/24@10.40.0.1"                 --net "socket=$RESULTS_DIR/dpdk-server.sock,mac=02:40:00:00:00:02"
-            wait_vm_exit 3000
-            kill -INT "$tp"; wait "$tp"
-            # cloister listens first; testpmd connects to it (its client mode).
-            vm_net "$RESULTS_DIR/vm2.log" c2 "cloister.nets=10.41.0.2/24@10.41.0.1"                 --net "socket=$RESULTS_DIR/dpdk-client.sock,vhost_mode=server"
-            wait_socket "$RESULTS_DIR/dpdk-client.sock"
-            testpmd dpdk-client ",client=1"
-            wait_vm_exit 3000
-            kill -INT "$tp"; wait "$tp"
-            show vm.log c1.console vm2.log c2.console dpdk-server.log dpdk-client.log
             "#,
         ),
         scenario(
@@ -352,25 +328,6 @@ fn operator_launched_backend_and_server_mode() {
                 "{passed} of the 2 guests passed (operator, server mode)"
             ));
         }
-    });
-}
-
-#[test]
-fn cloister_drives_dpdk_vhost_as_client_and_as_server() {
-    LAB.check("dpdk-backend", |o| {
-        o.expect_no_console("panicked");
-        let passed = o
-            .console
-            .matches("CLOISTER-GUEST-RESULT test=netcheck rc=0")
-            .count();
-        if passed != 2 {
-            o.fail(&format!(
-                "{passed} of the 2 guests reached testpmd (cloister as client, as server)"
-            ));
-        }
-        // DPDK's backend has no control queue: one pair, and nothing that needs the queue.
-        expect_field(o, "CLOISTER-NET-1 ", "ctrl_vq", "0");
-        expect_field(o, "CLOISTER-NET-1 ", "mac", "02:40:00:00:00:02");
     });
 }
 
