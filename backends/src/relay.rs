@@ -27,6 +27,8 @@ use vhost::vhost_user::Listener;
 
 const HEADER_LEN: usize = 12;
 const SET_FEATURES: u32 = 2;
+const RESET_OWNER: u32 = 4;
+const RESET_DEVICE: u32 = 34;
 const SET_VRING_ENABLE: u32 = 18;
 const VERSION: u32 = 0x1;
 const REPLY: u32 = 0x4;
@@ -125,8 +127,11 @@ fn forward(
         }
         read_full(from, &mut payload[..size])?;
         if let Some((frontend, features_set)) = acks {
-            if request == SET_FEATURES {
-                features_set.store(true, Ordering::Release);
+            match request {
+                SET_FEATURES => features_set.store(true, Ordering::Release),
+                // The crate forgets the features on a reset; so does the relay.
+                RESET_OWNER | RESET_DEVICE => features_set.store(false, Ordering::Release),
+                _ => {}
             }
             if request == SET_VRING_ENABLE && !features_set.load(Ordering::Acquire) {
                 log::debug!("relay: answering an early SET_VRING_ENABLE");
@@ -183,13 +188,14 @@ fn recv_with_fds(from: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<Ow
     let mut iov = [IoSliceMut::new(buf)];
     // SAFETY: CMSG_SPACE is a pure computation.
     let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) };
-    let mut control = vec![0u8; space as usize];
+    // u64s: control messages are read as cmsghdr, which needs its alignment.
+    let mut control = vec![0u64; (space as usize).div_ceil(8)];
     // SAFETY: plain data; filled below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = iov.as_mut_ptr().cast();
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = control.len();
+    msg.msg_controllen = space as usize;
     let n = loop {
         // SAFETY: recvmsg into buffers that live across the call; CLOEXEC on what it receives.
         let n = unsafe { libc::recvmsg(from.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
@@ -232,14 +238,15 @@ fn send(to: &UnixStream, header: &[u8], payload: &[u8], fds: &[OwnedFd]) -> io::
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     // SAFETY: CMSG_SPACE is a pure computation.
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(raw.as_slice()) as u32) };
-    let mut control = vec![0u8; if raw.is_empty() { 0 } else { space as usize }];
+    // u64s: the control message is written as cmsghdr, which needs its alignment.
+    let mut control = vec![0u64; (space as usize).div_ceil(8)];
     // SAFETY: plain data; filled below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
     msg.msg_iovlen = iov.len();
     if !raw.is_empty() {
         msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = control.len();
+        msg.msg_controllen = space as usize;
         // SAFETY: one control message in a buffer sized for it.
         unsafe {
             let cmsg = libc::CMSG_FIRSTHDR(&msg);

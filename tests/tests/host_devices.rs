@@ -332,19 +332,25 @@ fn a_managed_nic_gets_its_tap_as_descriptors_and_no_privilege() {
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     let backend = loop {
-        if let Some(pid) = process_named("vhost-user-net", "--tap-fd=4") {
+        if let Some(pid) = process_named("vhost-user-net", "--tap-fd=") {
             break pid;
         }
         assert!(
             Instant::now() < deadline,
-            "no vhost-user-net with two tap queues"
+            "no vhost-user-net with tap queues"
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    // The tap, as asked, in this namespace; the backend holds its queues, and nothing more.
+    // The tap, as asked, in this namespace; the backend holds its two queues.
     let tap = cloister_tap::Interface::new("hnet0").expect("socket");
     assert_eq!(tap.mtu().expect("the tap exists"), 1400);
-    for fd in [3, 4] {
+    let cmdline = std::fs::read(format!("/proc/{backend}/cmdline")).expect("cmdline");
+    let fds: Vec<String> = String::from_utf8_lossy(&cmdline)
+        .split('\0')
+        .filter_map(|a| a.strip_prefix("--tap-fd=").map(str::to_owned))
+        .collect();
+    assert_eq!(fds.len(), 2, "{fds:?}");
+    for fd in fds {
         let target = std::fs::read_link(format!("/proc/{backend}/fd/{fd}")).expect("fd");
         assert_eq!(target, Path::new("/dev/net/tun"), "descriptor {fd}");
     }

@@ -8,7 +8,7 @@ use cloister_backends::server::GuestMemory;
 use cloister_tap::MacAddr;
 use vhost_user_backend::{VringState, VringT};
 use virtio_bindings::virtio_net::*;
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 
 use crate::pair::Vring;
@@ -33,11 +33,14 @@ impl Default for ControlQueue {
 impl ControlQueue {
     pub fn serve(&mut self, vring: &Vring, mem: &GuestMemory, device: &DeviceState) {
         let mut state = vring.get_mut();
-        if !state.is_enabled() {
+        if !state.is_enabled() || !state.get_queue().ready() {
             return;
         }
         loop {
-            self.answer_all(&mut state, mem, device);
+            if !self.answer_all(&mut state, mem, device) {
+                // An available ring we cannot read: nothing more until the driver resets.
+                return;
+            }
             // Re-arm (with EVENT_IDX the driver kicks only at the index asked for); a command
             // that came meanwhile is answered now.
             match state.enable_notification() {
@@ -51,14 +54,22 @@ impl ControlQueue {
         }
     }
 
+    /// Answers every command waiting; false if the available ring cannot be read.
     fn answer_all(
         &mut self,
         state: &mut VringState<GuestMemoryAtomic<GuestMemory>>,
         mem: &GuestMemory,
         device: &DeviceState,
-    ) {
+    ) -> bool {
         let mut answered = Vec::new();
-        if let Ok(chains) = state.get_queue_mut().iter(mem) {
+        let chains = match state.get_queue_mut().iter(mem) {
+            Ok(chains) => chains,
+            Err(e) => {
+                log::warn!("control queue: {e}");
+                return false;
+            }
+        };
+        {
             for chain in chains {
                 let head = chain.head_index();
                 let mut command = Vec::new();
@@ -99,6 +110,7 @@ impl ControlQueue {
         if state.needs_notification().unwrap_or(true) {
             let _ = state.signal_used_queue();
         }
+        true
     }
 
     /// Carries out one command; the status byte for the driver.

@@ -9,6 +9,7 @@
 //! decides how many buffers it takes); transmitted frames go to the tap straight from guest
 //! memory with one `writev` each.
 
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,10 +67,17 @@ unsafe impl Send for PairWorker {}
 /// How delivering one frame ended.
 enum Delivery {
     Done,
-    /// Not enough receive buffers: the frame stays.
-    NoBuffers,
-    /// The frame cannot be delivered (too big for a buffer without MRG_RXBUF, a bad chain).
-    Dropped,
+    /// Not enough receive buffers: the frame stays. `seen`: the available index read.
+    NoBuffers {
+        seen: u16,
+    },
+    /// The frame cannot be delivered (too big for a buffer without MRG_RXBUF, or for the
+    /// whole ring; a bad chain); `used` buffers went back to the guest.
+    Dropped {
+        used: usize,
+    },
+    /// The available ring cannot be read.
+    Broken,
 }
 
 impl PairWorker {
@@ -114,7 +122,9 @@ impl PairWorker {
         if !state.is_enabled() || !state.get_queue().ready() {
             return;
         }
-        let mut batch = 0;
+        // Buffers returned since the guest was last told (delivered or dropped frames alike:
+        // a guest never told of its used buffers never posts new ones).
+        let mut unsignalled = 0;
         loop {
             if self.pending.is_none() && !self.read_frame(device) {
                 break;
@@ -124,32 +134,34 @@ impl PairWorker {
                 Delivery::Done => {
                     self.pending = None;
                     self.counters.rx_frames += 1;
-                    batch += 1;
-                    if batch == BATCH {
-                        self.notify(&mut state);
-                        batch = 0;
-                    }
+                    unsignalled += 1;
                 }
-                Delivery::Dropped => {
+                Delivery::Dropped { used } => {
                     self.pending = None;
                     self.counters.rx_dropped += 1;
+                    unsignalled += used;
                 }
-                Delivery::NoBuffers => {
-                    // Ask for a kick when buffers come; if some came meanwhile, go on.
-                    match state.enable_notification() {
-                        Ok(true) => {
-                            let _ = state.disable_notification();
-                        }
-                        Ok(false) => break,
-                        Err(e) => {
-                            self.guest_error(format_args!("receive queue: {e}"));
-                            break;
-                        }
+                Delivery::NoBuffers { seen } => {
+                    // What was used goes back first: the guest refills only after that.
+                    if unsignalled > 0 {
+                        self.notify(&mut state);
+                        unsignalled = 0;
+                    }
+                    // A kick once the guest adds past what it had made available: only new
+                    // buffers make the frame fit.
+                    if !rearm_past(&mut state, mem, seen) {
+                        break;
                     }
                 }
+                // An available ring we cannot read: nothing more until the driver resets.
+                Delivery::Broken => break,
+            }
+            if unsignalled >= BATCH {
+                self.notify(&mut state);
+                unsignalled = 0;
             }
         }
-        if batch > 0 {
+        if unsignalled > 0 {
             self.notify(&mut state);
         }
     }
@@ -193,12 +205,17 @@ impl PairWorker {
         self.chains.clear();
         let mut capacity = 0usize;
         let mut bad = None;
+        let queue = state.get_queue();
+        let (next, size) = (queue.next_avail(), queue.size());
+        let Ok(seen) = queue.avail_idx(mem, Ordering::Acquire).map(|i| i.0) else {
+            return Delivery::Broken;
+        };
         {
             let mut chains = match state.get_queue_mut().iter(mem) {
                 Ok(chains) => chains,
                 Err(e) => {
                     self.guest_error(format_args!("receive queue: {e}"));
-                    return Delivery::NoBuffers;
+                    return Delivery::Broken;
                 }
             };
             while capacity < len {
@@ -225,7 +242,9 @@ impl PairWorker {
                 let _ = state.add_used(head, 0);
             }
             self.guest_error(format_args!("frame dropped: {why}"));
-            return Delivery::Dropped;
+            return Delivery::Dropped {
+                used: self.chains.len(),
+            };
         }
         if capacity < len {
             if !mergeable {
@@ -238,13 +257,21 @@ impl PairWorker {
                     self.guest_error(format_args!(
                         "a {len}-byte frame does not fit a {capacity}-byte receive buffer"
                     ));
-                    return Delivery::Dropped;
+                    return Delivery::Dropped { used: 1 };
                 }
             }
             for _ in 0..self.chains.len() {
                 state.get_queue_mut().go_to_previous_position();
             }
-            return Delivery::NoBuffers;
+            if seen.wrapping_sub(next) >= size {
+                // The whole ring is not enough (buffers far smaller than the MTU the guest was
+                // promised): waiting would wait for ever.
+                self.guest_error(format_args!(
+                    "a {len}-byte frame does not fit the whole receive ring ({capacity} bytes)"
+                ));
+                return Delivery::Dropped { used: 0 };
+            }
+            return Delivery::NoBuffers { seen };
         }
         let header = device.header_len();
         if header == 12 {
@@ -279,7 +306,9 @@ impl PairWorker {
         }
         if let Some(why) = bad {
             self.guest_error(format_args!("frame dropped: {why}"));
-            return Delivery::Dropped;
+            return Delivery::Dropped {
+                used: self.chains.len(),
+            };
         }
         Delivery::Done
     }
@@ -295,7 +324,10 @@ impl PairWorker {
                 self.guest_error(format_args!("transmit queue: {e}"));
             }
             loop {
-                let sent = self.send_batch(&mut state, mem);
+                let Some(sent) = self.send_batch(&mut state, mem) else {
+                    // An available ring we cannot read: nothing more until the driver resets.
+                    return;
+                };
                 if sent > 0 {
                     self.notify(&mut state);
                 }
@@ -314,8 +346,9 @@ impl PairWorker {
         }
     }
 
-    /// Sends up to `BATCH` frames; returns how many chains it took.
-    fn send_batch(&mut self, state: &mut State, mem: &GuestMemory) -> usize {
+    /// Sends up to `BATCH` frames; returns how many chains it took, None if the available
+    /// ring cannot be read.
+    fn send_batch(&mut self, state: &mut State, mem: &GuestMemory) -> Option<usize> {
         let mut done: [(u16, bool); BATCH] = [(0, false); BATCH];
         let mut count = 0;
         {
@@ -323,7 +356,7 @@ impl PairWorker {
                 Ok(chains) => chains,
                 Err(e) => {
                     self.guest_error(format_args!("transmit queue: {e}"));
-                    return 0;
+                    return None;
                 }
             };
             while count < BATCH {
@@ -381,7 +414,7 @@ impl PairWorker {
                 self.guest_error(format_args!("cannot return a transmit buffer: {e}"));
             }
         }
-        count
+        Some(count)
     }
 
     fn notify(&mut self, state: &mut State) {
@@ -404,4 +437,34 @@ impl PairWorker {
             }
         }
     }
+}
+
+/// Asks the driver for a kick once it makes buffers available past index `seen`; true if it
+/// already has (the caller goes round again).
+///
+/// With EVENT_IDX, virtio-queue's `enable_notification` would set `avail_event` to the next
+/// entry to pop, behind buffers that are there but too few for the frame: the driver, adding
+/// past them, would never cross it and never kick. `avail_event` is written here instead.
+fn rearm_past(state: &mut State, mem: &GuestMemory, seen: u16) -> bool {
+    let queue = state.get_queue();
+    if queue.event_idx_enabled() {
+        let size = u64::from(queue.size());
+        // After the used ring's flags and idx (2 bytes each) and its elements (8 bytes each);
+        // the used ring was checked to lie in guest memory when the queue was set up.
+        let at = queue
+            .used_ring()
+            .checked_add(4 + 8 * size)
+            .map(GuestAddress);
+        match at {
+            Some(at) if mem.store(seen.to_le(), at, Ordering::Release).is_ok() => {}
+            _ => return false,
+        }
+    } else if state.enable_notification().is_err() {
+        return false;
+    }
+    fence(Ordering::SeqCst);
+    state
+        .get_queue()
+        .avail_idx(mem, Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != seen)
 }

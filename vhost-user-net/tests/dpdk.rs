@@ -34,8 +34,16 @@ fn testpmd(
         "net_virtio_user0,path={},queues={pairs},queue_size=256",
         socket.display()
     );
+    // One at a time: two testpmd instances polling on a 2-CPU machine starve each other.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _alone = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let prefix = format!("cloister-{}-{mode}", std::process::id());
-    let child = Command::new("timeout")
+    let log = socket.with_extension(format!("{mode}.log"));
+    let out = std::fs::File::create(&log).expect("testpmd log");
+    let err = out.try_clone().expect("testpmd log");
+    let mut child = Command::new("timeout")
         .args(["-s", "INT", &seconds.to_string(), TESTPMD])
         .args([
             "--no-huge",
@@ -51,19 +59,20 @@ fn testpmd(
         .arg(format!("--rxq={pairs}"))
         .arg(format!("--txq={pairs}"))
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(out)
+        .stderr(err)
         .spawn()
         .expect("start dpdk-testpmd");
-    // testpmd sets up its port within a second or two; the caller's traffic goes after.
-    std::thread::sleep(Duration::from_secs(2));
+    // The caller's traffic once testpmd forwards (its first statistics come a second after).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log).is_ok_and(|t| t.contains("Port statistics"))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     during();
-    let out = child.wait_with_output().expect("wait for dpdk-testpmd");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    child.wait().expect("wait for dpdk-testpmd");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
     let total = text
         .split("Accumulated forward statistics")
         .nth(1)
@@ -108,7 +117,9 @@ fn testpmd_sends_through_our_backend_to_the_tap() {
     }
     let daemon = Daemon::start("testpmd-tx", &["--queues", "2"]);
     let before = tap_counters().0;
-    let (_, sent, text) = testpmd(&daemon.socket, 2, "txonly", 5, || {});
+    let (_, sent, text) = testpmd(&daemon.socket, 2, "txonly", 8, || {
+        std::thread::sleep(Duration::from_secs(3))
+    });
     let reached = tap_counters().0 - before;
     assert!(sent > 10_000, "testpmd sent only {sent} frames:\n{text}");
     // What testpmd counts as sent is what it put in the rings: when it stops, up to a ring's

@@ -422,11 +422,11 @@ impl DeviceKind for Net {
         ConfigSpace::BackendOr(CONFIG_LEN as u32, self.local_config())
     }
 
-    /// Our MAC (status and MTU) when the config space is ours; the user's MAC and MTU
-    /// whatever the backend says.
+    /// Our MAC and status when the config space is ours; the user's MTU whatever the
+    /// backend says.
     fn local_features(&self, local_config: bool) -> u64 {
         let mut f = 0;
-        if local_config || self.mac_given {
+        if local_config {
             f |= 1 << F_MAC;
         }
         if local_config {
@@ -438,8 +438,10 @@ impl DeviceKind for Net {
         f
     }
 
+    /// The control queue only with a backend that has exactly our pairs: its control queue
+    /// is the one after its last pair, so with more pairs it would be one of their queues.
     fn usable_queues(&self, asked: usize, features: u64, available: u64) -> usize {
-        if features & (1 << F_CTRL_VQ) != 0 && available >= asked as u64 {
+        if features & (1 << F_CTRL_VQ) != 0 && available == asked as u64 {
             asked
         } else {
             asked - 1
@@ -458,12 +460,23 @@ impl DeviceKind for Net {
         }
     }
 
+    /// A backend with a config space of its own filters received frames on its MAC: the
+    /// guest must have that one.
+    fn check_backend_config(&self, config: &[u8]) -> Result<(), String> {
+        let theirs = config.get(..6).and_then(|m| <[u8; 6]>::try_from(m).ok());
+        match theirs {
+            Some(theirs) if self.mac_given && theirs != self.mac.0 => Err(format!(
+                "mac={}: the backend's NIC has {}, and receives for that one; give the backend this MAC (vhost-user-net --mac) or leave mac= out",
+                self.mac,
+                MacAddr(theirs)
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn adjust_config(&self, config: &mut [u8], queues: u16) {
         if config.len() < CONFIG_LEN {
             return;
-        }
-        if self.mac_given {
-            config[..6].copy_from_slice(&self.mac.0);
         }
         config[8..10].copy_from_slice(&(queues / 2).max(1).to_le_bytes());
         if let Some(mtu) = self.mtu {
@@ -593,6 +606,11 @@ mod tests {
         let with_ctrl = 1 << F_CTRL_VQ;
         assert_eq!(k.usable_queues(5, with_ctrl, 5), 5);
         assert_eq!(k.usable_queues(5, with_ctrl, 4), 4);
+        assert_eq!(
+            k.usable_queues(5, with_ctrl, 9),
+            4,
+            "a backend with more pairs"
+        );
         assert_eq!(k.usable_queues(5, 0, 9), 4);
         let f = k.device_features();
         assert_eq!(k.adjust_features(f, 4) & control_features(), 0);
@@ -622,10 +640,16 @@ mod tests {
         assert_eq!(k.local_features(false), 0);
         assert_eq!(k.local_features(true), 1 << F_MAC | 1 << F_STATUS);
         let k = spec("socket=/s,mac=02:00:00:00:00:01,mtu=1400").kind;
-        assert_eq!(k.local_features(false), 1 << F_MAC | 1 << F_MTU);
+        assert_eq!(k.local_features(false), 1 << F_MTU);
         let mut config = vec![0u8; CONFIG_LEN];
+        config[..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
         k.adjust_config(&mut config, 3);
-        assert_eq!(&config[..6], &[2, 0, 0, 0, 0, 1]);
         assert_eq!(u16::from_le_bytes([config[10], config[11]]), 1400);
+        // The backend's own MAC must be the one asked for.
+        assert!(k.check_backend_config(&config).is_ok());
+        config[5] = 9;
+        let e = k.check_backend_config(&config).unwrap_err();
+        assert!(e.contains("the backend's NIC has 02:00:00:00:00:09"), "{e}");
+        assert!(spec("socket=/s").kind.check_backend_config(&config).is_ok());
     }
 }

@@ -75,32 +75,14 @@ impl ManagedProcess {
     ///
     /// Must be called from the main thread: PR_SET_PDEATHSIG fires when the *thread* that
     /// forked the child exits, and the main thread lives as long as the process.
-    /// Starts `program` with `args`; `fds` become its descriptors 3, 4, ... (everything else
-    /// above stderr is closed).
+    /// Starts `program` with `args`; it inherits `keep` at their numbers (everything else
+    /// above stderr is closed on exec).
     pub fn spawn(
         program: &Path,
         args: &[OsString],
-        fds: Vec<OwnedFd>,
+        keep: Vec<OwnedFd>,
     ) -> Result<Self, ProcessError> {
-        // Out of the way of 3, 4, ... first, so moving one there cannot overwrite another.
-        let high: Vec<OwnedFd> = fds
-            .iter()
-            .map(|fd| {
-                // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own; the result is owned at once.
-                let d = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 1000) };
-                if d < 0 {
-                    Err(ProcessError::Spawn(
-                        program.to_path_buf(),
-                        io::Error::last_os_error(),
-                    ))
-                } else {
-                    // SAFETY: a fresh descriptor nothing else owns.
-                    Ok(unsafe { OwnedFd::from_raw_fd(d) })
-                }
-            })
-            .collect::<Result<_, _>>()?;
-        drop(fds);
-        let raw: Vec<RawFd> = high.iter().map(AsRawFd::as_raw_fd).collect();
+        let raw: Vec<RawFd> = keep.iter().map(AsRawFd::as_raw_fd).collect();
         // SAFETY: getpid cannot fail.
         let parent = unsafe { libc::getpid() };
         let maps = IdMaps::ours();
@@ -125,13 +107,12 @@ impl ManagedProcess {
                 if libc::getppid() != parent {
                     return Err(io::Error::from_raw_os_error(libc::ESRCH));
                 }
-                for (i, &fd) in raw.iter().enumerate() {
-                    // dup2 leaves the copy without close-on-exec.
-                    if libc::dup2(fd, 3 + i as RawFd) < 0 {
+                close_on_exec_from(3);
+                for &fd in &raw {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                         return Err(io::Error::last_os_error());
                     }
                 }
-                close_on_exec_from(3 + raw.len() as u32);
                 Ok(())
             });
         }

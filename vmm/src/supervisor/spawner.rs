@@ -449,8 +449,11 @@ fn handle(msg: &[u8], children: &mut HashMap<u32, ManagedProcess>, programs: &[&
                 Ok(None) => Vec::new(),
                 Err(e) => return error(crate::error_chain(&e)),
             };
-            // They will be descriptors 3, 4, ... in the backend.
-            args.extend((0..fds.len()).map(|i| OsString::from(format!("--tap-fd={}", 3 + i))));
+            // The backend inherits them at the numbers they have here.
+            args.extend(
+                fds.iter()
+                    .map(|fd| OsString::from(format!("--tap-fd={}", fd.as_raw_fd()))),
+            );
             let spawned = process::find_program(&name)
                 .and_then(|path| ManagedProcess::spawn(&path, &args, fds));
             match spawned {
@@ -546,7 +549,7 @@ mod tests {
             },
         };
         let script = format!(
-            "readlink /proc/$$/fd/3 /proc/$$/fd/4 >{0}; echo \"$0 $1\" >>{0}; exec sleep 30",
+            "for a in \"$0\" \"$1\"; do readlink /proc/$$/fd/${{a#--tap-fd=}}; done >{0}; echo \"$0 $1\" | sed 's/[0-9]//g' >>{0}; exec sleep 30",
             out.display()
         );
         let mut p = spawner
@@ -560,7 +563,7 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        assert_eq!(text, "/dev/net/tun\n/dev/net/tun\n--tap-fd=3 --tap-fd=4\n");
+        assert_eq!(text, "/dev/net/tun\n/dev/net/tun\n--tap-fd= --tap-fd=\n");
         let interface = Interface::new("cltest0").unwrap();
         assert_eq!(interface.mtu().unwrap(), 9000);
         assert_eq!(interface.mac().unwrap().to_string(), "02:00:00:00:00:09");

@@ -42,6 +42,8 @@ pub enum ConnectionError {
     },
     #[error("cannot connect to {}", .0.display())]
     Connect(PathBuf, #[source] io::Error),
+    #[error("{0}")]
+    ConfigMismatch(String),
     #[error("cannot listen on {} for the backend", .0.display())]
     Listen(PathBuf, #[source] io::Error),
     #[error("no backend connected to {} within {} s", .path.display(), .timeout.as_secs())]

@@ -64,6 +64,10 @@ impl VhostUserDevice {
                 return Err(ConnectionError::MissingProtocolFeature("CONFIG"))
             }
         };
+        if !local_config {
+            kind.check_backend_config(&config)
+                .map_err(ConnectionError::ConfigMismatch)?;
+        }
         let offered = conn.negotiated().features;
         let backend_features = offered & (kind.device_features() | TRANSPORT_FEATURES);
         let mut queue_sizes = queue_sizes;

@@ -21,6 +21,11 @@ pub trait DeviceKind: Send + Sync {
     /// Device-specific feature bits (0-23) we pass through when the backend offers them.
     fn device_features(&self) -> u64;
     fn config_space(&self) -> ConfigSpace;
+    /// Refuses a config space read from the backend that contradicts what the user asked
+    /// (a NIC's `mac=` other than the backend's); the reason, for the message.
+    fn check_backend_config(&self, _config: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
     /// Fixes up the config space for what the guest is given (`queues` it sees).
     fn adjust_config(&self, _config: &mut [u8], _queues: u16) {}
     /// What two devices of this kind may not share, as `key=value` (a virtio-fs tag).
