@@ -8,10 +8,43 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::{Arc, PoisonError, RwLock};
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::server::GuestMemory;
+
+/// One connection's memory table, as its worker threads read it: set by SET_MEM_TABLE
+/// (checked), gone at the disconnect.
+#[derive(Default)]
+pub struct ConnectionMemory(RwLock<Option<GuestMemoryAtomic<GuestMemory>>>);
+
+impl ConnectionMemory {
+    /// The current table, if the frontend has sent one.
+    pub fn get(&self) -> Option<Arc<GuestMemory>> {
+        let mem = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        mem.as_ref().map(|m| m.memory().into_inner())
+    }
+
+    /// `VhostUserBackend::update_memory`. vhost-user-backend has installed the table already
+    /// (the vrings see it): a bad one is replaced by an empty one, so the queues stop rather
+    /// than touch it, and the error goes back to the frontend.
+    pub fn update(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        let checked = check_regions_within_files(&mem.memory());
+        if checked.is_err() {
+            mem.lock()
+                .map_err(|_| io::Error::other("memory table lock poisoned"))?
+                .replace(GuestMemory::new());
+        }
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
+        checked
+    }
+
+    /// The disconnect: nothing of this connection's memory is kept.
+    pub fn clear(&self) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
 
 /// Refuses a table with a region that reaches past the end of its file.
 pub fn check_regions_within_files(mem: &GuestMemory) -> io::Result<()> {

@@ -4,16 +4,16 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use cloister_backends::guest_memory::check_regions_within_files;
+use cloister_backends::guest_memory::ConnectionMemory;
 use cloister_backends::server::GuestMemory;
 use cloister_backends::{Device, WorkerExits};
 use cloister_seccomp::ThreadRole;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
@@ -170,7 +170,7 @@ impl Device for BlkDevice {
     ) -> Result<Self::Backend, Box<dyn std::error::Error + Send + Sync>> {
         Ok(Arc::new(Connection {
             shared: Arc::clone(&self.shared),
-            mem: RwLock::new(None),
+            mem: ConnectionMemory::default(),
             exits,
         }))
     }
@@ -207,21 +207,20 @@ impl Device for BlkDevice {
         for queue in 0..self.shared.workers.len() {
             self.shared.control(queue, QueueWorker::disconnect);
         }
-        *backend.mem.write().unwrap_or_else(PoisonError::into_inner) = None;
+        backend.mem.clear();
     }
 }
 
 /// The backend of one frontend connection.
 pub struct Connection {
     shared: Arc<Shared>,
-    mem: RwLock<Option<GuestMemoryAtomic<GuestMemory>>>,
+    mem: ConnectionMemory,
     exits: Arc<WorkerExits>,
 }
 
 impl Connection {
     fn memory(&self) -> Option<Arc<GuestMemory>> {
-        let mem = self.mem.read().unwrap_or_else(PoisonError::into_inner);
-        mem.as_ref().map(|m| m.memory().into_inner())
+        self.mem.get()
     }
 }
 
@@ -278,16 +277,7 @@ impl VhostUserBackend for Connection {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
-        // vhost-user-backend has installed the table already (the vrings see it): a bad one is
-        // replaced by an empty one, so the queues stop rather than touch it.
-        let checked = check_regions_within_files(&mem.memory());
-        if checked.is_err() {
-            mem.lock()
-                .map_err(|_| io::Error::other("memory table lock poisoned"))?
-                .replace(GuestMemory::new());
-        }
-        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
-        checked
+        self.mem.update(mem)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

@@ -3,16 +3,16 @@
 
 use std::io;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use cloister_backends::guest_memory::check_regions_within_files;
+use cloister_backends::guest_memory::ConnectionMemory;
 use cloister_backends::server::GuestMemory;
 use cloister_backends::{Device, WorkerExits};
 use cloister_seccomp::ThreadRole;
 use cloister_tap::{Offloads, TapQueue};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
@@ -113,7 +113,7 @@ impl Device for NetDevice {
         self.reset();
         Ok(Arc::new(Connection {
             shared: Arc::clone(&self.shared),
-            mem: RwLock::new(None),
+            mem: ConnectionMemory::default(),
             exits,
         }))
     }
@@ -160,21 +160,20 @@ impl Device for NetDevice {
             );
         }
         self.reset();
-        *backend.mem.write().unwrap_or_else(PoisonError::into_inner) = None;
+        backend.mem.clear();
     }
 }
 
 /// The backend of one frontend connection.
 pub struct Connection {
     shared: Arc<Shared>,
-    mem: RwLock<Option<GuestMemoryAtomic<GuestMemory>>>,
+    mem: ConnectionMemory,
     exits: Arc<WorkerExits>,
 }
 
 impl Connection {
     fn memory(&self) -> Option<Arc<GuestMemory>> {
-        let mem = self.mem.read().unwrap_or_else(PoisonError::into_inner);
-        mem.as_ref().map(|m| m.memory().into_inner())
+        self.mem.get()
     }
 }
 
@@ -230,14 +229,7 @@ impl VhostUserBackend for Connection {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
-        let checked = check_regions_within_files(&mem.memory());
-        if checked.is_err() {
-            mem.lock()
-                .map_err(|_| io::Error::other("memory table lock poisoned"))?
-                .replace(GuestMemory::new());
-        }
-        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
-        checked
+        self.mem.update(mem)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
