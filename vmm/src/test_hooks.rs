@@ -77,10 +77,9 @@ mod imp {
                 return;
             }
         };
-        let _ = std::thread::Builder::new()
-            .name("test-hotplug".into())
-            .spawn(move || {
-                crate::signals::block_termination_signals();
+        let _ = crate::signals::spawn_helper(
+            std::thread::Builder::new().name("test-hotplug".into()),
+            move || {
                 // The guest is running by now; one round first, so what is made once (the
                 // runtime directory) is in the baseline.
                 let round = |n: usize| -> Result<(), String> {
@@ -128,7 +127,8 @@ mod imp {
                     before.processes,
                     after.processes,
                 );
-            });
+            },
+        );
     }
 }
 

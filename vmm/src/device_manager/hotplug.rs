@@ -61,21 +61,19 @@ fn lock(m: &Mutex<DeviceManager>) -> MutexGuard<'_, DeviceManager> {
 /// directory and the operator sockets' directories) and serves until every handle is gone.
 pub fn start(manager: Arc<Mutex<DeviceManager>>, rules: Rules) -> std::io::Result<Hotplug> {
     let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("hotplug".into())
-        .spawn(move || {
-            crate::signals::block_termination_signals();
-            match cloister_seccomp::enter(ThreadRole::VmmHotplug, &rules) {
-                Ok(_) => serve(&manager, rx),
-                Err(e) => {
-                    eprintln!(
-                        "cloister: warning: devices cannot be added or removed: the hot-plug \
+    crate::signals::spawn_helper(
+        std::thread::Builder::new().name("hotplug".into()),
+        move || match cloister_seccomp::enter(ThreadRole::VmmHotplug, &rules) {
+            Ok(_) => serve(&manager, rx),
+            Err(e) => {
+                eprintln!(
+                    "cloister: warning: devices cannot be added or removed: the hot-plug \
                          thread cannot enter its sandbox: {}",
-                        crate::error_chain(&e)
-                    );
-                }
+                    crate::error_chain(&e)
+                );
             }
-        })?;
+        },
+    )?;
     Ok(Hotplug { requests: tx })
 }
 

@@ -101,11 +101,9 @@ fn start_with_role(
         progress: Condvar::new(),
     });
     let s = shared.clone();
-    let thread = std::thread::Builder::new()
-        .name("console".into())
-        .spawn(move || {
-            // The main thread takes the termination signals through its signalfd.
-            crate::signals::block_termination_signals();
+    let thread = crate::signals::spawn_helper(
+        std::thread::Builder::new().name("console".into()),
+        move || {
             if let Some(role) = role {
                 if let Err(e) = cloister_seccomp::enter_thread(role) {
                     eprintln!(
@@ -116,7 +114,8 @@ fn start_with_role(
                 }
             }
             write_batches(&s, &mut *out);
-        })?;
+        },
+    )?;
     Ok((
         ConsoleOutput {
             shared: shared.clone(),

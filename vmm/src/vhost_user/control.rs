@@ -97,12 +97,9 @@ impl Control {
             started: Vec::new(),
             failures,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("{name}-ctl"))
-            .spawn(move || {
-                // Started before the main thread takes the termination signals through its
-                // signalfd: without this, one could land here and kill the process.
-                crate::signals::block_termination_signals();
+        let thread = crate::signals::spawn_helper(
+            std::thread::Builder::new().name(format!("{name}-ctl")),
+            move || {
                 if let Err(e) = cloister_seccomp::enter_thread(ThreadRole::VmmDeviceControl) {
                     owner.failures.report(format!(
                         "its control thread cannot enter its sandbox: {}",
@@ -111,7 +108,8 @@ impl Control {
                     return;
                 }
                 owner.serve(rx)
-            })?;
+            },
+        )?;
         Ok(Control {
             commands: Some(tx),
             thread: Some(thread),

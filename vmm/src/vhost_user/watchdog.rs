@@ -52,12 +52,9 @@ impl Watchdog {
             socket,
         });
         let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("{name}-watchdog"))
-            .spawn(move || {
-                // Started before the main thread takes the termination signals through its
-                // signalfd: without this, one could land here and kill the process.
-                crate::signals::block_termination_signals();
+        let thread = crate::signals::spawn_helper(
+            std::thread::Builder::new().name(format!("{name}-watchdog")),
+            move || {
                 // Confined before it can touch the socket.
                 if let Err(e) = cloister_seccomp::enter_thread(ThreadRole::VmmWatchdog) {
                     eprintln!(
@@ -67,7 +64,8 @@ impl Watchdog {
                     std::process::exit(1);
                 }
                 watch(&s)
-            })?;
+            },
+        )?;
         Ok(Watchdog {
             shared,
             thread: Some(thread),
