@@ -610,6 +610,10 @@ fn net_io() -> Vec<Rule> {
     vec![
         allow(SYS_read, "reads a frame from a tap queue"),
         allow(
+            SYS_readv,
+            "reads a frame from a tap queue straight into the guest's receive buffers",
+        ),
+        allow(
             SYS_writev,
             "writes a frame to a tap queue, straight from guest memory",
         ),

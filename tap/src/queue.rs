@@ -208,6 +208,25 @@ impl TapQueue {
         }
     }
 
+    /// Reads one frame (header included), scattered over `iov`; `Ok(None)` when none is
+    /// waiting. A frame longer than `iov` is dropped by the kernel with `EFAULT`.
+    ///
+    /// # Safety
+    /// Every iovec must point to memory writable for its length.
+    pub unsafe fn readv(&self, iov: &[libc::iovec]) -> io::Result<Option<usize>> {
+        // SAFETY: the caller vouches for the iovecs; the count fits (callers cap it).
+        let n = unsafe { libc::readv(self.raw(), iov.as_ptr(), iov.len() as libc::c_int) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
+
     /// Writes one frame (header included), gathered from `iov`.
     ///
     /// # Safety

@@ -1,7 +1,7 @@
 //! The device-wide state the driver changes: negotiated features (and so the header length and
 //! the tap's offloads), the receive filter, the guest's MAC, the queue pairs in use.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use cloister_tap::{MacAddr, Offloads, TapQueue};
@@ -13,6 +13,9 @@ use crate::virtio::{self, bit, Identity};
 pub struct DeviceState {
     pub identity: Identity,
     acked: AtomicU64,
+    /// The offloads the tap applies to frames for the guest (TUNSETOFFLOAD's last value);
+    /// all bits while unknown (before SET_FEATURES, or after a failed TUNSETOFFLOAD).
+    rx_offloads: AtomicU32,
     filter: RwLock<RxFilter>,
     taps: Vec<Arc<TapQueue>>,
 }
@@ -23,6 +26,7 @@ impl DeviceState {
             filter: RwLock::new(RxFilter::new(identity.mac)),
             identity,
             acked: AtomicU64::new(0),
+            rx_offloads: AtomicU32::new(u32::MAX),
             taps,
         }
     }
@@ -33,6 +37,19 @@ impl DeviceState {
 
     pub fn mergeable_rx(&self) -> bool {
         self.acked.load(Ordering::Acquire) & bit(VIRTIO_NET_F_MRG_RXBUF) != 0
+    }
+
+    /// The longest frame, header included, the tap can hand over: a GSO frame of 64 KiB once
+    /// the guest takes segmentation offloads, else one of the MTU; both with a VLAN tag.
+    pub fn max_rx_frame(&self) -> usize {
+        const SEGMENTING: u32 =
+            Offloads::TSO4 | Offloads::TSO6 | Offloads::UFO | Offloads::USO4 | Offloads::USO6;
+        let payload = if self.rx_offloads.load(Ordering::Acquire) & SEGMENTING != 0 {
+            usize::from(u16::MAX)
+        } else {
+            usize::from(self.identity.mtu)
+        };
+        self.header_len() + 14 + 4 + payload
     }
 
     pub fn filter<T>(&self, f: impl FnOnce(&RxFilter) -> T) -> T {
@@ -64,8 +81,14 @@ impl DeviceState {
         let wanted = Offloads(offloads.0 & self.identity.tap_offloads.0);
         if let Some(tap) = self.taps.first() {
             match tap.set_offloads(wanted) {
-                Ok(()) => log::debug!("tap offloads {:#x}", wanted.0),
-                Err(e) => log::error!("{e}"),
+                Ok(()) => {
+                    self.rx_offloads.store(wanted.0, Ordering::Release);
+                    log::debug!("tap offloads {:#x}", wanted.0)
+                }
+                Err(e) => {
+                    self.rx_offloads.store(u32::MAX, Ordering::Release);
+                    log::error!("{e}")
+                }
             }
         }
     }
@@ -89,6 +112,7 @@ impl DeviceState {
     /// A device reset or a new connection: as the device starts.
     pub fn reset(&self) {
         self.acked.store(0, Ordering::Release);
+        self.rx_offloads.store(u32::MAX, Ordering::Release);
         self.update_filter(|f| *f = RxFilter::new(self.identity.mac));
         self.set_active_pairs(1);
     }
