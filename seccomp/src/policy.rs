@@ -614,6 +614,10 @@ fn net_io() -> Vec<Rule> {
             "reads a frame from a tap queue straight into the guest's receive buffers",
         ),
         allow(
+            SYS_io_uring_enter,
+            "sends a batch of frames (the ring only takes writev on its tap queue: IORING_REGISTER_RESTRICTIONS)",
+        ),
+        allow(
             SYS_writev,
             "writes a frame to a tap queue, straight from guest memory",
         ),

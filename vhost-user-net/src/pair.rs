@@ -4,7 +4,9 @@
 mod rx;
 mod rx_buffers;
 mod tx;
+mod tx_ring;
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +17,7 @@ use vhost_user_backend::{VringRwLock, VringState};
 use vm_memory::{GuestAddress, GuestMemoryAtomic};
 
 use rx_buffers::HeldBuffers;
+use tx_ring::TxRing;
 
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 type State = VringState<GuestMemoryAtomic<GuestMemory>>;
@@ -49,6 +52,8 @@ pub struct PairWorker {
     segments: Vec<(GuestAddress, usize)>,
     chains: Vec<(u16, usize)>,
     iovecs: Vec<libc::iovec>,
+    /// Transmits a batch per system call; None where io_uring is not available.
+    tx_ring: Option<TxRing>,
     counters: Counters,
     guest_errors: RateLimit,
 }
@@ -58,8 +63,17 @@ pub struct PairWorker {
 unsafe impl Send for PairWorker {}
 
 impl PairWorker {
+    /// Called at start-up, before the sandbox (the transmit ring is made here).
     pub fn new(index: usize, tap: Arc<TapQueue>) -> Self {
+        let tx_ring = match TxRing::new(tap.as_raw_fd(), BATCH as u32) {
+            Ok(ring) => Some(ring),
+            Err(e) => {
+                log::info!("pair {index}: no io_uring ({e}): a writev per frame sent");
+                None
+            }
+        };
         Self {
+            tx_ring,
             index,
             tap,
             frame: vec![0; MAX_FRAME],

@@ -204,7 +204,7 @@ impl PairWorker {
             // `num_buffers`, which the tap leaves alone.
             self.held.write_at(10, &(chains as u16).to_le_bytes());
         }
-        if let Err(e) = self.held.complete(state, len, chains) {
+        if let Err(e) = self.held.complete(state, mem, len, chains) {
             self.guest_error(format_args!("cannot return a receive buffer: {e}"));
         }
         Direct::Delivered(chains)

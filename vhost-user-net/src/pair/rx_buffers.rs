@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 
 use cloister_backends::server::GuestMemory;
 use vhost_user_backend::VringState;
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend};
 
 type State = VringState<GuestMemoryAtomic<GuestMemory>>;
@@ -184,6 +184,7 @@ impl HeldBuffers {
     pub fn complete(
         &mut self,
         state: &mut State,
+        mem: &GuestMemory,
         len: usize,
         chains: usize,
     ) -> Result<(), virtio_queue::Error> {
@@ -197,7 +198,9 @@ impl HeldBuffers {
             left -= used;
             self.capacity -= chain.capacity;
             self.iovecs.drain(..chain.segments);
-            if let Err(e) = state.add_used(chain.head, used as u32) {
+            // Straight on the queue with the memory at hand (VringState's own add_used loads
+            // the memory anew for each).
+            if let Err(e) = state.get_queue_mut().add_used(mem, chain.head, used as u32) {
                 result = Err(e);
             }
         }
