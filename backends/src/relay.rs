@@ -11,6 +11,10 @@
 //! acknowledges itself and drops. Nothing is lost: rings start disabled once
 //! `PROTOCOL_FEATURES` is acknowledged, and QEMU enables them again when it starts the device.
 //!
+//! The relay also tells the device which rings the frontend enables once features are set
+//! (`VringEnableHook`): the crate gives a backend no call of its own for that, and a frontend
+//! that handles virtio-net's control queue itself (QEMU) says which queue pairs run that way.
+//!
 //! The crate side is a connection to an abstract unix socket of this process (no file, and
 //! Landlock lets a process reach the abstract sockets it made). Only control messages cross the
 //! relay; the data path (shared memory, eventfds) does not.
@@ -38,6 +42,9 @@ const MAX_FDS: usize = 32;
 /// The largest payload a frontend sends (a memory table); anything larger is not vhost-user.
 const MAX_PAYLOAD: usize = 64 * 1024;
 
+/// Told of each `SET_VRING_ENABLE` (ring index, enabled) that reaches the backend.
+pub type VringEnableHook = Arc<dyn Fn(u32, bool) + Send + Sync>;
+
 /// The relayed connection: the listener the crate accepts the relay's end from, and the two
 /// relay threads.
 pub struct Relay {
@@ -48,7 +55,7 @@ pub struct Relay {
 impl Relay {
     /// Relays `frontend`: returns a listener with one pending connection, for
     /// `VhostUserDaemon::start`.
-    pub fn start(frontend: UnixStream) -> io::Result<Self> {
+    pub fn start(frontend: UnixStream, on_enable: Option<VringEnableHook>) -> io::Result<Self> {
         // A random name (getpid is not in the sandbox's policy; getrandom is).
         let mut nonce = [0u8; 8];
         // SAFETY: getrandom into a buffer of the length given.
@@ -70,7 +77,12 @@ impl Relay {
             std::thread::Builder::new()
                 .name("relay-down".into())
                 .spawn(move || {
-                    let end = forward(&f_read, &i_write, Some((&f_write_for_acks, &features_set)));
+                    let frontend_side = FrontendSide {
+                        acks: &f_write_for_acks,
+                        features_set: &features_set,
+                        on_enable,
+                    };
+                    let end = forward(&f_read, &i_write, Some(frontend_side));
                     log_end("frontend", end);
                     let _ = i_write.shutdown(std::net::Shutdown::Both);
                 })?
@@ -104,12 +116,21 @@ fn log_end(side: &str, end: io::Result<()>) {
     }
 }
 
-/// Moves whole messages from `from` to `to` until either closes. With `acks`, the frontend's
-/// direction: early `SET_VRING_ENABLE`s are answered on the frontend's socket and dropped.
+/// What the frontend's direction of the relay needs.
+struct FrontendSide<'a> {
+    /// Where early `SET_VRING_ENABLE`s are answered.
+    acks: &'a UnixStream,
+    features_set: &'a AtomicBool,
+    on_enable: Option<VringEnableHook>,
+}
+
+/// Moves whole messages from `from` to `to` until either closes. With `frontend_side`, the
+/// frontend's direction: early `SET_VRING_ENABLE`s are answered on the frontend's socket and
+/// dropped, later ones reported to the hook.
 fn forward(
     from: &UnixStream,
     to: &UnixStream,
-    acks: Option<(&UnixStream, &AtomicBool)>,
+    frontend_side: Option<FrontendSide<'_>>,
 ) -> io::Result<()> {
     let mut payload = vec![0u8; MAX_PAYLOAD];
     loop {
@@ -126,7 +147,12 @@ fn forward(
             ));
         }
         read_full(from, &mut payload[..size])?;
-        if let Some((frontend, features_set)) = acks {
+        if let Some(FrontendSide {
+            acks: frontend,
+            features_set,
+            on_enable,
+        }) = &frontend_side
+        {
             match request {
                 SET_FEATURES => features_set.store(true, Ordering::Release),
                 // The crate forgets the features on a reset; so does the relay.
@@ -144,6 +170,20 @@ fn forward(
                     send(frontend, &reply, &[], &[])?;
                 }
                 continue;
+            }
+            if request == SET_VRING_ENABLE && size >= 8 {
+                if let Some(hook) = on_enable {
+                    // struct vhost_vring_state: the ring's index, then 1 to enable it.
+                    let word = |at: usize| {
+                        u32::from_le_bytes([
+                            payload[at],
+                            payload[at + 1],
+                            payload[at + 2],
+                            payload[at + 3],
+                        ])
+                    };
+                    hook(word(0), word(4) != 0);
+                }
             }
         }
         send(to, &header, &payload[..size], &fds)?;
@@ -294,7 +334,7 @@ mod tests {
     #[test]
     fn early_vring_enables_are_answered_and_the_rest_goes_through() {
         let (mut frontend, ours) = UnixStream::pair().unwrap();
-        let relay = Relay::start(ours).unwrap();
+        let relay = Relay::start(ours, None).unwrap();
         let (mut backend, _) = relay.listener_accept();
         // An early enable with NEED_REPLY: answered by the relay, never seen by the backend.
         frontend

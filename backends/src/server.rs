@@ -48,6 +48,12 @@ pub trait Device {
     fn relay_frontend(&self) -> bool {
         false
     }
+
+    /// With the relay: what to tell of each ring the frontend enables or disables once
+    /// features are set.
+    fn vring_enable_hook(&self) -> Option<crate::relay::VringEnableHook> {
+        None
+    }
 }
 
 /// Serves `device` on `listener` until `stop` is requested. A frontend that disconnects, or a
@@ -78,7 +84,8 @@ where
                     )))
                 }
             };
-            let mut relay = Relay::start(frontend).map_err(Error::Relay)?;
+            let mut relay =
+                Relay::start(frontend, device.vring_enable_hook()).map_err(Error::Relay)?;
             let served = serve_one(name, device, stop, connections, |daemon| {
                 daemon.start(&mut relay.listener)
             });
@@ -121,7 +128,9 @@ where
     let mut waiting = false;
     while !stop.requested() {
         let served = if device.relay_frontend() {
-            match std::os::unix::net::UnixStream::connect(socket).and_then(Relay::start) {
+            match std::os::unix::net::UnixStream::connect(socket)
+                .and_then(|stream| Relay::start(stream, device.vring_enable_hook()))
+            {
                 Ok(mut relay) => {
                     let served = serve_one(name, device, stop, connections + 1, |daemon| {
                         daemon.start(&mut relay.listener)

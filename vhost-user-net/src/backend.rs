@@ -144,6 +144,15 @@ impl Device for NetDevice {
         true
     }
 
+    /// A frontend that keeps the control queue to itself (QEMU) picks the queue pairs in use
+    /// by enabling their rings: the tap steers frames to those pairs' queues.
+    fn vring_enable_hook(&self) -> Option<cloister_backends::relay::VringEnableHook> {
+        let shared = Arc::clone(&self.shared);
+        Some(Arc::new(move |index, enabled| {
+            shared.device.ring_enabled(index as usize, enabled)
+        }))
+    }
+
     fn disconnect(&self, backend: &Self::Backend) {
         for (i, worker) in self.shared.workers.iter().enumerate() {
             let c = lock(worker).take_counters();

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use cloister_tap::{MacAddr, Offloads, TapQueue};
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MRG_RXBUF};
 
 use crate::filter::RxFilter;
 use crate::virtio::{self, bit, Identity};
@@ -107,6 +107,24 @@ impl DeviceState {
             }
         }
         ok
+    }
+
+    /// SET_VRING_ENABLE for ring `index`. Without a control queue the driver cannot set the
+    /// queue pairs (its frontend handles the control queue, as QEMU does) and the frontend
+    /// enables the rings of the pairs in use: a pair's tap queue follows its receive ring. The
+    /// first pair's stays attached; with our control queue, VQ_PAIRS_SET decides.
+    pub fn ring_enabled(&self, index: usize, enabled: bool) {
+        if self.acked.load(Ordering::Acquire) & bit(VIRTIO_NET_F_CTRL_VQ) != 0 || index % 2 != 0 {
+            return;
+        }
+        let pair = index / 2;
+        let Some(tap) = self.taps.get(pair).filter(|t| pair > 0 && t.multi_queue()) else {
+            return;
+        };
+        match tap.set_attached(enabled) {
+            Ok(()) => log::debug!("queue pair {pair}: tap queue attached: {enabled}"),
+            Err(e) => log::warn!("queue pair {pair}: {e}"),
+        }
     }
 
     /// A device reset or a new connection: as the device starts.

@@ -11,6 +11,7 @@ use cloister_backends::test_frontend::net::virtio_net::*;
 use cloister_backends::test_frontend::net::{features_wanted, plain_header, TestNet};
 use cloister_tap::TapQueue;
 use common::*;
+use vhost::vhost_user::VhostUserFrontend;
 
 const OK: u8 = VIRTIO_NET_OK as u8;
 const ERR: u8 = VIRTIO_NET_ERR as u8;
@@ -157,6 +158,20 @@ fn flow_frame(port: u16) -> Vec<u8> {
     f
 }
 
+/// Sends 64 flows from the host; how many frames each of two pairs received.
+fn count_by_pair(net: &mut TestNet, host: &HostSide) -> [usize; 2] {
+    let mut counts = [0; 2];
+    for port in 1000..1064 {
+        host.send(&flow_frame(port));
+    }
+    for (pair, count) in counts.iter_mut().enumerate() {
+        while net.receive_within(pair, QUIET).unwrap().is_some() {
+            *count += 1;
+        }
+    }
+    counts
+}
+
 #[test]
 fn queue_pairs_serve_as_the_driver_enables_them() {
     if !own_network_namespace("queue_pairs_serve_as_the_driver_enables_them") {
@@ -167,18 +182,7 @@ fn queue_pairs_serve_as_the_driver_enables_them() {
     let mut net = daemon.connect(2);
     net.post_rx(0, 128, 2048).unwrap();
     net.post_rx(1, 128, 2048).unwrap();
-    let count_by_pair = |net: &mut TestNet| -> [usize; 2] {
-        let mut counts = [0; 2];
-        for port in 1000..1064 {
-            host.send(&flow_frame(port));
-        }
-        for (pair, count) in counts.iter_mut().enumerate() {
-            while net.receive_within(pair, QUIET).unwrap().is_some() {
-                *count += 1;
-            }
-        }
-        counts
-    };
+    let count_by_pair = |net: &mut TestNet| count_by_pair(net, &host);
     // Until the driver sets the pairs, only the first is used (virtio 1.2, 5.1.6.5.5).
     assert_eq!(count_by_pair(&mut net), [64, 0]);
     let set = VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8;
@@ -218,6 +222,43 @@ fn queue_pairs_serve_as_the_driver_enables_them() {
         OK
     );
     assert_eq!(count_by_pair(&mut net), [64, 0]);
+}
+
+#[test]
+fn without_our_control_queue_the_frontend_picks_pairs_by_enabling_rings() {
+    if !own_network_namespace("without_our_control_queue_the_frontend_picks_pairs") {
+        return;
+    }
+    let daemon = Daemon::start("mq-no-ctrl", &["--queues", "2"]);
+    let host = HostSide::open(TAP);
+    // As QEMU does: it handles the control queue itself and enables the rings of the pairs
+    // the driver asked for.
+    let bit = |feature: u32| 1u64 << feature;
+    let own_control = bit(VIRTIO_NET_F_CTRL_VQ)
+        | bit(VIRTIO_NET_F_CTRL_RX)
+        | bit(VIRTIO_NET_F_CTRL_MAC_ADDR)
+        | bit(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
+        | bit(VIRTIO_NET_F_MQ);
+    let mut net = daemon.connect_with(2, features_wanted() & !own_control);
+    net.post_rx(0, 128, 2048).unwrap();
+    net.post_rx(1, 128, 2048).unwrap();
+    // The test frontend enabled every ring it started.
+    let both = count_by_pair(&mut net, &host);
+    assert_eq!(both[0] + both[1], 64, "{both:?}");
+    assert!(
+        both[0] > 0 && both[1] > 0,
+        "the tap used one queue only: {both:?}: {}",
+        daemon.log_text()
+    );
+    let frontend = net.connection().frontend();
+    frontend.set_vring_enable(2, false).unwrap();
+    frontend.set_vring_enable(3, false).unwrap();
+    assert_eq!(count_by_pair(&mut net, &host), [64, 0]);
+    let frontend = net.connection().frontend();
+    frontend.set_vring_enable(2, true).unwrap();
+    frontend.set_vring_enable(3, true).unwrap();
+    let again = count_by_pair(&mut net, &host);
+    assert!(again[0] > 0 && again[1] > 0, "{again:?}");
 }
 
 #[test]
