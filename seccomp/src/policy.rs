@@ -617,6 +617,8 @@ fn net_io() -> Vec<Rule> {
             SYS_io_uring_enter,
             "sends a batch of frames (the ring only takes writev on its tap queue: IORING_REGISTER_RESTRICTIONS)",
         ),
+        allow(SYS_poll, "a worker polling its transmit queue checks the thread's epoll for other events (never waits)"),
+        allow(SYS_ppoll, "poll on libcs that implement it with ppoll"),
         allow(
             SYS_writev,
             "writes a frame to a tap queue, straight from guest memory",

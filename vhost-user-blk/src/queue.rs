@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloister_backends::logging::RateLimit;
-use cloister_backends::poll::{spin_until, AdaptivePoll};
+use cloister_backends::poll::{events_waiting, spin_until, suppress_kicks, AdaptivePoll};
 use cloister_backends::server::GuestMemory;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::engine::{Completes, Completion, Engine};
@@ -205,7 +205,7 @@ impl QueueWorker {
             if let Some(mem) = mem.filter(|_| popping && self.engine.in_flight() == 0) {
                 let window = self.guest_poll.idle(now);
                 if !window.is_zero() {
-                    suppress_kicks(&vring.get_ref(), mem);
+                    suppress_kicks(vring.get_ref().get_queue(), mem);
                     // On a shared thread, another queue's event ends the poll too; this queue
                     // then re-arms and sleeps like one that polled in vain (no resume event:
                     // two queues each resuming for the other's would hand the thread back and
@@ -398,49 +398,6 @@ fn has_work(vring: &Vring, mem: &Arc<GuestMemory>, control: &AtomicUsize) -> boo
         && queue
             .avail_idx(&**mem, Ordering::Acquire)
             .is_ok_and(|idx| idx.0 != queue.next_avail())
-}
-
-/// Whether the thread's epoll has events waiting (another queue's kick or completions, the
-/// event loop's own): a worker that shares its thread hands it back for them. Without a shared
-/// thread, never.
-fn events_waiting(thread_events: Option<RawFd>) -> bool {
-    let Some(fd) = thread_events else {
-        return false;
-    };
-    let mut poll = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no waiting; the descriptor is the thread's epoll, which lives
-    // as long as the thread that is running this.
-    unsafe { libc::poll(&mut poll, 1, 0) > 0 }
-}
-
-/// Tells the driver not to kick while the worker polls. Without EVENT_IDX the used ring's
-/// NO_NOTIFY flag, set before popping, already does. With it, virtio-queue's
-/// `disable_notification` leaves avail_event where it was last armed (it has no way to move it
-/// back), so a worker that re-armed before sleeping on in-flight I/O would be kicked for the
-/// next request even while it polls for it: the driver pays the kick and the worker a spurious
-/// wake-up. avail_event one behind the next entry to pop asks for a kick only once the driver
-/// has gone past an entry the worker already took, which it never does; `enable_notification`
-/// re-arms it properly before the worker sleeps.
-fn suppress_kicks(state: &State, mem: &Arc<GuestMemory>) {
-    let queue = state.get_queue();
-    if !queue.event_idx_enabled() || !queue.ready() {
-        return;
-    }
-    // The used ring was checked to lie in guest memory when the queue was set up; the store is
-    // checked again anyway, and a failure only means the driver keeps kicking.
-    // After the used ring's flags and idx (2 bytes each) and its elements (8 bytes each).
-    let avail_event = queue
-        .used_ring()
-        .checked_add(4 + 8 * u64::from(queue.size()))
-        .map(GuestAddress);
-    if let Some(addr) = avail_event {
-        let behind = queue.next_avail().wrapping_sub(1);
-        let _ = mem.store(behind.to_le(), addr, Ordering::Release);
-    }
 }
 
 fn log_guest_error(limit: &mut RateLimit, queue: usize, message: std::fmt::Arguments<'_>) {

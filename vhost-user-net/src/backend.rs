@@ -2,8 +2,10 @@
 //! per-connection `VhostUserBackend`.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use cloister_backends::guest_memory::ConnectionMemory;
 use cloister_backends::server::GuestMemory;
@@ -60,7 +62,13 @@ pub struct NetDevice {
 
 impl NetDevice {
     /// `taps`: one queue per pair. `mac`: the guest's; `mtu`: what the guest is told.
-    pub fn new(taps: Vec<TapQueue>, mac: cloister_tap::MacAddr, mtu: u16, threads: u16) -> Self {
+    pub fn new(
+        taps: Vec<TapQueue>,
+        mac: cloister_tap::MacAddr,
+        mtu: u16,
+        threads: u16,
+        poll_max: Duration,
+    ) -> Self {
         let tap_offloads = taps
             .first()
             .map_or(Offloads(0), |t| t.probe_offloads(ALL_OFFLOADS));
@@ -74,7 +82,7 @@ impl NetDevice {
         let workers = taps
             .iter()
             .enumerate()
-            .map(|(i, tap)| Mutex::new(PairWorker::new(i, Arc::clone(tap))))
+            .map(|(i, tap)| Mutex::new(PairWorker::new(i, Arc::clone(tap), poll_max)))
             .collect();
         let threads = ThreadMap::new(identity.queue_pairs, threads);
         log::info!(
@@ -126,11 +134,13 @@ impl Device for NetDevice {
         let map = &self.shared.threads;
         for (thread, handler) in handlers.iter().enumerate() {
             for (position, &pair) in map.pairs_of(thread).iter().enumerate() {
-                let Some(worker) = self.shared.worker(pair) else {
+                let Some(mut worker) = self.shared.worker(pair) else {
                     continue;
                 };
+                // A polling worker hands its thread back as soon as anything else is waiting.
+                worker.share_thread(handler.as_raw_fd());
                 handler.register_listener(
-                    std::os::fd::AsRawFd::as_raw_fd(worker.tap()),
+                    worker.tap().as_raw_fd(),
                     EventSet::IN | EventSet::EDGE_TRIGGERED,
                     u64::from(map.tap_event(position)),
                 )?;

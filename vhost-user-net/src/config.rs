@@ -78,7 +78,19 @@ pub struct Args {
     #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=MAX_QUEUE_PAIRS as i64))]
     pub threads: Option<u16>,
+
+    /// Longest time, in microseconds, a worker whose transmit queue ran empty busy-polls it
+    /// for the guest's next frames before it sleeps (the guest does not kick a polling worker).
+    /// The window adapts as vhost-user-blk's does: it doubles while frames come back sooner,
+    /// halves whenever they take longer, down to zero, so an idle NIC costs no CPU. 0 never
+    /// polls.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_POLL_US))]
+    pub poll_max_us: u64,
 }
+
+/// The largest --poll-max-us.
+pub const MAX_POLL_US: u64 = 10_000;
 
 /// Where the tap comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +111,7 @@ pub struct Config {
     pub queue_pairs: u16,
     pub threads: u16,
     pub client: bool,
+    pub poll_max: std::time::Duration,
 }
 
 impl TryFrom<&Args> for Config {
@@ -171,6 +184,7 @@ impl TryFrom<&Args> for Config {
             queue_pairs: args.queues,
             threads,
             client: args.client,
+            poll_max: std::time::Duration::from_micros(args.poll_max_us),
         })
     }
 }

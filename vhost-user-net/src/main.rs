@@ -75,7 +75,7 @@ fn run(args: Args) -> Result<(), Error> {
     let mac = config
         .mac
         .unwrap_or_else(|| MacAddr::local_from(name.as_bytes()));
-    let device = NetDevice::new(taps, mac, mtu, config.threads);
+    let device = NetDevice::new(taps, mac, mtu, config.threads, config.poll_max);
     let socket = &args.common.socket;
     if config.client {
         // The directory, not the socket: the frontend may not have made it yet, and makes

@@ -6,11 +6,12 @@ mod rx_buffers;
 mod tx;
 mod tx_ring;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use cloister_backends::logging::RateLimit;
+use cloister_backends::poll::AdaptivePoll;
 use cloister_backends::server::GuestMemory;
 use cloister_tap::TapQueue;
 use vhost_user_backend::{VringRwLock, VringState};
@@ -54,6 +55,10 @@ pub struct PairWorker {
     iovecs: Vec<libc::iovec>,
     /// Transmits a batch per system call; None where io_uring is not available.
     tx_ring: Option<TxRing>,
+    /// How long to poll the transmit queue once it runs empty.
+    tx_poll: AdaptivePoll,
+    /// The worker thread's epoll descriptor: polling stops when it has events.
+    thread_events: Option<RawFd>,
     counters: Counters,
     guest_errors: RateLimit,
 }
@@ -64,7 +69,7 @@ unsafe impl Send for PairWorker {}
 
 impl PairWorker {
     /// Called at start-up, before the sandbox (the transmit ring is made here).
-    pub fn new(index: usize, tap: Arc<TapQueue>) -> Self {
+    pub fn new(index: usize, tap: Arc<TapQueue>, poll_max: Duration) -> Self {
         let tx_ring = match TxRing::new(tap.as_raw_fd(), BATCH as u32) {
             Ok(ring) => Some(ring),
             Err(e) => {
@@ -74,6 +79,8 @@ impl PairWorker {
         };
         Self {
             tx_ring,
+            tx_poll: AdaptivePoll::new(poll_max),
+            thread_events: None,
             index,
             tap,
             frame: vec![0; MAX_FRAME],
@@ -86,6 +93,11 @@ impl PairWorker {
             counters: Counters::default(),
             guest_errors: RateLimit::new(Duration::from_secs(1)),
         }
+    }
+
+    /// The epoll descriptor of the thread that serves this pair (for this connection).
+    pub fn share_thread(&mut self, thread_events: RawFd) {
+        self.thread_events = Some(thread_events);
     }
 
     pub fn tap(&self) -> &TapQueue {
@@ -101,6 +113,8 @@ impl PairWorker {
     pub fn reset(&mut self) {
         self.pending = None;
         self.tap_readable = true;
+        self.tx_poll.cancel();
+        self.thread_events = None;
     }
 
     /// The tap's edge: it has frames.

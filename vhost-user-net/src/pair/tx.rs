@@ -1,6 +1,10 @@
 //! Transmit: frames go to the tap straight from guest memory, a batch per `io_uring_enter`
 //! (`tx_ring`), or a `writev` each where io_uring is not available.
 
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use cloister_backends::poll::{events_waiting, spin_until, suppress_kicks};
 use vhost_user_backend::VringT;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryBackend;
@@ -13,12 +17,15 @@ const MAX_IOVECS: usize = 1024;
 const NOT_SENT: i32 = i32::MIN;
 
 impl PairWorker {
-    /// Sends what the transmit queue holds to the tap; re-arms notifications when it is empty.
+    /// Sends what the transmit queue holds to the tap; polls it for a while when it runs empty
+    /// (see `--poll-max-us`), then re-arms notifications.
     pub fn serve_tx(&mut self, vring: &Vring, mem: &GuestMemory) {
         let mut state = vring.get_mut();
         if !state.is_enabled() || !state.get_queue().ready() {
             return;
         }
+        // A kick after a sleep: how long the wait was tells the poll window.
+        self.tx_poll.work(Instant::now());
         loop {
             if let Err(e) = state.disable_notification() {
                 self.guest_error(format_args!("transmit queue: {e}"));
@@ -35,8 +42,29 @@ impl PairWorker {
                     break;
                 }
             }
+            let now = Instant::now();
+            let window = self.tx_poll.idle(now);
+            if !window.is_zero() {
+                suppress_kicks(state.get_queue(), mem);
+                let queue = state.get_queue();
+                let thread_events = self.thread_events;
+                let mut frames = false;
+                spin_until(now, window, || {
+                    frames = queue
+                        .avail_idx(mem, Ordering::Acquire)
+                        .is_ok_and(|idx| idx.0 != queue.next_avail());
+                    frames || events_waiting(thread_events)
+                });
+                if frames {
+                    self.tx_poll.work(Instant::now());
+                    continue;
+                }
+            }
             match state.enable_notification() {
-                Ok(true) => continue,
+                Ok(true) => {
+                    self.tx_poll.work(Instant::now());
+                    continue;
+                }
                 Ok(false) => break,
                 Err(e) => {
                     self.guest_error(format_args!("transmit queue: {e}"));
