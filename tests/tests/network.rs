@@ -178,7 +178,7 @@ fn scenarios() -> Vec<Scenario> {
                 -netdev vhost-user,id=net0,chardev=n0,queues=2 \
                 -device virtio-net-pci,netdev=net0,mq=on,vectors=6,mac=02:17:00:00:00:02,romfile= \
                 -kernel "$GUEST_DIR/bzImage" -initrd "$GUEST_DIR/initramfs-tools.cpio" \
-                -append "$(guest_cmdline netcheck cloister.nets=10.17.0.2/24@10.17.0.1 cloister.iperf=2 cloister.streams=2)"
+                -append "$(guest_cmdline netcheck cloister.nets=10.17.0.2/24@10.17.0.1 cloister.iperf=2 cloister.streams=4)"
             kill -TERM "$backend"
             wait "$backend"
             mark backend.rc $?
@@ -341,5 +341,11 @@ fn qemu_drives_our_vhost_user_net() {
         expect_field(o, "CLOISTER-NET-1 ", "pairs", "2");
         positive(o, "CLOISTER-NET iperf_up", "iperf_up");
         positive(o, "CLOISTER-NET iperf_down", "iperf_down");
+        // QEMU keeps the control queue and enables the second pair's rings: its tap queue
+        // follows, and frames from the host reach both receive queues.
+        let irqs = rx_queue_interrupts(o);
+        if irqs.len() != 2 || irqs.contains(&0) {
+            o.fail(&format!("receive interrupts per queue: {irqs:?}"));
+        }
     });
 }
