@@ -249,8 +249,9 @@ fn run(args: &Args) -> Result<(), Error> {
     let cpu_end = args.pid.map(cpu_seconds).transpose()?;
 
     let mut total = Counts::default();
+    let mut latencies = Vec::new();
     for (index, worker) in workers.into_iter().enumerate() {
-        let counts = worker
+        let (counts, queue_latencies) = worker
             .join()
             .map_err(|_| Error::Panicked(index))?
             .map_err(|e| Error::Worker(index, Box::new(e)))?;
@@ -258,8 +259,19 @@ fn run(args: &Args) -> Result<(), Error> {
         total.errors += counts.errors;
         total.kicks += counts.kicks;
         total.interrupts += counts.interrupts;
+        latencies.extend(queue_latencies);
     }
     drop(connection);
+    latencies.sort_unstable();
+    // Nearest-rank percentiles, in microseconds.
+    let percentile = |p: f64| -> Option<f64> {
+        let rank = ((p / 100.0) * latencies.len() as f64).ceil() as usize;
+        latencies
+            .get(rank.saturating_sub(1))
+            .map(|&ns| ns as f64 / 1000.0)
+    };
+    let (p50, p99) = (percentile(50.0), percentile(99.0));
+    let micros = |v: Option<f64>| v.map_or("na".to_string(), |us| format!("{us:.1}"));
 
     let seconds = args.duration;
     let iops = total.requests as f64 / seconds;
@@ -286,7 +298,7 @@ fn run(args: &Args) -> Result<(), Error> {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "blk-load: {:?} bs={} qd={} queues={}: {:.0} IOPS, {:.1} MB/s{}, {:.2} kicks and {:.2} interrupts per request, {} errors",
+        "blk-load: {:?} bs={} qd={} queues={}: {:.0} IOPS, {:.1} MB/s{}, latency p50 {} µs p99 {} µs, {:.2} kicks and {:.2} interrupts per request, {} errors",
         args.rw,
         args.bs,
         args.qd,
@@ -297,19 +309,23 @@ fn run(args: &Args) -> Result<(), Error> {
             (Some(c), Some(m)) => format!(", backend CPU {c:.2} s ({m:.2} s per million requests)"),
             _ => String::new(),
         },
+        micros(p50),
+        micros(p99),
         per_request(total.kicks),
         per_request(total.interrupts),
         total.errors
     );
     let _ = writeln!(
         out,
-        "RESULT iops={iops:.0} mbps={mbps:.1} cpu_s={} cpu_s_per_mreq={} requests={} errors={} kicks_per_req={:.3} irqs_per_req={:.3}",
+        "RESULT iops={iops:.0} mbps={mbps:.1} cpu_s={} cpu_s_per_mreq={} requests={} errors={} kicks_per_req={:.3} irqs_per_req={:.3} lat_p50_us={} lat_p99_us={}",
         cpu.map_or("na".into(), |c| format!("{c:.3}")),
         cpu_per_mreq.map_or("na".into(), |c| format!("{c:.3}")),
         total.requests,
         total.errors,
         per_request(total.kicks),
         per_request(total.interrupts),
+        micros(p50),
+        micros(p99),
     );
     if total.errors > 0 {
         eprintln!("blk-load: warning: {} requests failed", total.errors);
@@ -325,7 +341,7 @@ fn drive(
     ram: &GuestRam,
     plan: &Plan,
     failed: &AtomicBool,
-) -> Result<Counts, Error> {
+) -> Result<(Counts, Vec<u64>), Error> {
     let mem = ram.memory();
     let access = |e: vm_memory::GuestMemoryError| {
         cloister_backends::test_frontend::Error::Access(e.to_string())
@@ -352,6 +368,10 @@ fn drive(
         }
     };
     let mut slot_of_head = vec![usize::MAX; usize::from(queue.size())];
+    // When each slot's request was made available, and each measured request's latency (ns):
+    // from then until this thread saw it used.
+    let mut issued_at = vec![Instant::now(); slots.len()];
+    let mut latencies = Vec::with_capacity(1 << 16);
     let mut issue =
         |queue: &mut SplitQueue, slot_index: usize, rng: &mut u64| -> Result<u16, Error> {
             let slot = &slots[slot_index];
@@ -375,6 +395,7 @@ fn drive(
     for slot_index in 0..usize::from(plan.qd) {
         let head = issue(&mut queue, slot_index, &mut rng)?;
         slot_of_head[usize::from(head)] = slot_index;
+        issued_at[slot_index] = Instant::now();
     }
     queue.notify()?;
     let mut outstanding = usize::from(plan.qd);
@@ -394,6 +415,7 @@ fn drive(
                     kicks_at_start = Some(queue.kicks);
                 }
                 counts.requests += 1;
+                latencies.push(now.duration_since(issued_at[slot_index]).as_nanos() as u64);
                 if status != VIRTIO_BLK_S_OK as u8 {
                     counts.errors += 1;
                 }
@@ -404,6 +426,7 @@ fn drive(
             } else {
                 let head = issue(&mut queue, slot_index, &mut rng)?;
                 slot_of_head[usize::from(head)] = slot_index;
+                issued_at[slot_index] = Instant::now();
             }
         }
         if completed > 0 {
@@ -427,7 +450,7 @@ fn drive(
         }
     }
     counts.kicks = queue.kicks - kicks_at_start.unwrap_or(kicks_before);
-    Ok(counts)
+    Ok((counts, latencies))
 }
 
 fn sleep_until(when: Instant) {
