@@ -164,6 +164,39 @@ fn scenarios() -> Vec<Scenario> {
             "#,
         ),
         scenario(
+            "operator-restarted",
+            r#"
+            # The operator's backend dies under a running guest and is started again: cloister
+            # takes it back and the guest's pings resume. The host side keeps its MAC, so the
+            # guest's ARP entry stays good.
+            start_op() {
+                "$BIN_DIR/vhost-user-net" --socket "$RESULTS_DIR/rs.sock" --tap ctap8 \
+                    --ip 10.18.0.1 --mask 255.255.255.0 --host-mac 02:18:00:00:00:01 \
+                    >>"$RESULTS_DIR/rs.log" 2>&1 &
+                op=$!
+            }
+            start_op
+            wait_socket "$RESULTS_DIR/rs.sock"
+            vm_net "$RESULTS_DIR/vm.log" rs "cloister.nets=10.18.0.2/24@10.18.0.1 cloister.hold=40" \
+                --net "socket=$RESULTS_DIR/rs.sock"
+            if wait_guest "$RESULTS_DIR/rs.console" "CLOISTER-NET holding" 1200; then
+                mark guest.holding yes
+            fi
+            sleep 3
+            kill -KILL "$op"
+            wait "$op"
+            wait_for "$RESULTS_DIR/vm.log" "waiting for the backend to come back" 100 && mark lost yes
+            sleep 1
+            start_op
+            wait_for "$RESULTS_DIR/vm.log" "backend back after" 300 && mark back yes
+            wait_vm_exit 3000
+            kill -TERM "$op"
+            wait "$op"
+            mark op.rc $?
+            show vm.log rs.console rs.log
+            "#,
+        ),
+        scenario(
             "qemu-drives-ours",
             r#"
             "$BIN_DIR/vhost-user-net" --socket "$RESULTS_DIR/net.sock" --tap ctap7 \
@@ -310,6 +343,24 @@ fn a_killed_backend_is_reported_and_the_vm_lives_on() {
             .expect_mark("vm.rc", "143")
             .expect_console("backend exited with signal 9 (SIGKILL)")
             .expect_no_console("panicked");
+    });
+}
+
+#[test]
+fn an_operator_backend_restarted_under_a_running_guest_is_taken_back() {
+    LAB.check("operator-restarted", |o| {
+        o.expect_mark("guest.holding", "yes")
+            .expect_mark("lost", "yes")
+            .expect_mark("back", "yes")
+            .expect_mark("vm.rc", "0")
+            .expect_mark("op.rc", "0")
+            .expect_console("CLOISTER-GUEST-RESULT test=netcheck rc=0")
+            .expect_no_console("panicked");
+        // 40 pings a second apart, a few seconds of them while the backend was away.
+        let held: u64 = field(o, "CLOISTER-NET held", "held").parse().unwrap_or(0);
+        if held < 25 {
+            o.fail(&format!("{held} of 40 pings answered around the restart"));
+        }
     });
 }
 

@@ -428,7 +428,8 @@ impl Vm {
     ///
     /// It also watches the devices' backends: a socket hang-up, a managed backend's exit or a
     /// failed device start is reported and the device marked as needing a reset, and the guest
-    /// keeps running. This is
+    /// keeps running; an operator's backend whose rings a new one can take over is sought
+    /// again instead, with backoff, on the hot-plug thread. This is
     /// poll(2) rather than epoll: stdin may be a regular file or /dev/null, which epoll refuses.
     fn wait_for_exit(&mut self, signals: &SignalFd) -> Result<ExitReason, VmError> {
         let drained = self
@@ -456,14 +457,23 @@ impl Vm {
                     -1
                 }),
             ];
-            let watches = self.devices().watches();
+            let (watches, next_recovery) = {
+                let devices = self.devices();
+                (devices.watches(), devices.next_recovery())
+            };
             fds.extend(watches.iter().map(|&(fd, events, _)| libc::pollfd {
                 fd,
                 events,
                 revents: 0,
             }));
+            // Until the next attempt at a lost backend is due, if any (rounded up: a wake-up a
+            // millisecond early would find nothing due and go round for nothing).
+            let timeout = next_recovery.map_or(-1, |t| {
+                let wait = t.saturating_duration_since(std::time::Instant::now());
+                i32::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            });
             // SAFETY: a valid array of pollfds; negative fds are ignored by poll.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -503,6 +513,11 @@ impl Vm {
                 if pfd.revents != 0 {
                     self.devices().on_event(watch);
                 }
+            }
+            // Attempts at lost backends run on the hot-plug thread, which may connect.
+            let due = self.devices().due_recoveries(std::time::Instant::now());
+            for serial in due {
+                self.hotplug.recover(serial);
             }
         }
     }

@@ -392,10 +392,10 @@ fn drive(
             Ok(head)
         };
 
-    for slot_index in 0..usize::from(plan.qd) {
+    for (slot_index, issued) in issued_at.iter_mut().enumerate().take(usize::from(plan.qd)) {
         let head = issue(&mut queue, slot_index, &mut rng)?;
         slot_of_head[usize::from(head)] = slot_index;
-        issued_at[slot_index] = Instant::now();
+        *issued = Instant::now();
     }
     queue.notify()?;
     let mut outstanding = usize::from(plan.qd);

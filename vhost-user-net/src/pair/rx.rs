@@ -73,6 +73,8 @@ impl PairWorker {
                     Direct::Refused => self.counters.rx_dropped += 1,
                     Direct::Empty | Direct::Broken => break,
                     Direct::Short => {
+                        // (Nothing is held that a frame could use; whatever is, goes back.)
+                        self.held.release(&mut state);
                         if !self.read_frame(device) {
                             break;
                         }

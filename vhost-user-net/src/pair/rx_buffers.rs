@@ -96,6 +96,9 @@ impl HeldBuffers {
                     }
                 }
             }
+            if why.is_none() && capacity == 0 {
+                why = Some("a receive buffer of no bytes".to_string());
+            }
             if let Some(why) = why {
                 self.iovecs.truncate(first);
                 if !self.chains.is_empty() {

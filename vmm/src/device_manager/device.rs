@@ -5,12 +5,13 @@ use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::placement::Bar;
 use crate::kinds::{Arg, Backend, DeviceSpec};
 use crate::layout::VirtioMmioSlot;
 use crate::supervisor::{self, SpawnedProcess};
-use crate::vhost_user::control::Failures;
+use crate::vhost_user::control::{ControlHandle, Failures};
 use crate::virtio::driver_log::DriverLog;
 use crate::virtio::VirtioTransport;
 
@@ -25,6 +26,26 @@ pub struct Plugged {
     pub place: Place,
     /// Its control thread's reports, watched by the main loop.
     pub failures: Arc<Failures>,
+    /// Its control thread, to hand it a new backend.
+    pub control: Option<ControlHandle>,
+}
+
+/// A backend being sought again after the last one was lost.
+pub struct Recovery {
+    /// When it was lost.
+    pub since: Instant,
+    /// Connection attempts so far.
+    pub attempts: u32,
+    /// When the next attempt is due; None while one is under way.
+    pub next: Option<Instant>,
+}
+
+impl Recovery {
+    /// The wait before attempt `n` (from 0): 100 ms, doubling to at most 2 s, so that a
+    /// backend restarted by its operator is found soon and one that stays away costs little.
+    pub fn backoff(n: u32) -> Duration {
+        Duration::from_millis(100u64 << n.min(5)).min(Duration::from_secs(2))
+    }
 }
 
 pub struct Device {
@@ -40,6 +61,11 @@ pub struct Device {
     pub process_watched: bool,
     pub plugged: Option<Plugged>,
     pub failed: bool,
+    /// Set while a new backend is sought.
+    pub recovery: Option<Recovery>,
+    /// Backends lost, and found again, since the device was plugged.
+    pub losses: u64,
+    pub recoveries: u64,
     /// Failures after the first: a guest resetting and restarting a broken device in a loop
     /// causes one each time, so only the first few are shown.
     pub later_failures: DriverLog,
@@ -59,13 +85,43 @@ impl Device {
         }
     }
 
+    /// Whether a lost backend is sought again rather than the device failed: an operator's
+    /// backend (`socket=`) of a kind whose rings a new backend can take over.
+    pub fn recoverable(&self) -> bool {
+        matches!(self.spec.backend, Backend::Socket(_))
+            && self.spec.kind.completes_in_order()
+            && self.plugged.as_ref().is_some_and(|p| p.control.is_some())
+            && !self.failed
+    }
+
+    /// The backend is gone but another may come: the device waits for it (the guest sees
+    /// nothing but a pause in its traffic); attempts start shortly.
+    pub fn lose(&mut self, why: &str) {
+        self.losses += 1;
+        if self.recovery.is_none() {
+            eprintln!(
+                "cloister: {}: {why}; waiting for the backend to come back",
+                self.label()
+            );
+            self.recovery = Some(Recovery {
+                since: Instant::now(),
+                attempts: 0,
+                next: Some(Instant::now() + Recovery::backoff(0)),
+            });
+        }
+        if let Some(c) = self.plugged.as_ref().and_then(|p| p.control.as_ref()) {
+            c.lost_for_now();
+        }
+    }
+
     /// The backend is gone or the device broke: say so once and tell the device (it is marked
-    /// as needing a reset). Reconnection would start here.
+    /// as needing a reset).
     pub fn fail(&mut self, why: &str) {
         if self.failed {
             return;
         }
         self.failed = true;
+        self.recovery = None;
         eprintln!("cloister: {}: {why}", self.label());
         self.mark_broken();
     }

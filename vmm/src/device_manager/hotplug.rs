@@ -17,6 +17,7 @@ use cloister_seccomp::ThreadRole;
 use super::{plug, DeviceInfo, DeviceManager, DeviceManagerError};
 use crate::config::device::TransportKind;
 use crate::kinds::DeviceSpec;
+use crate::vhost_user::{connection, Connection, ConnectionError};
 
 enum Request {
     Add(
@@ -24,6 +25,8 @@ enum Request {
         Sender<Result<DeviceInfo, DeviceManagerError>>,
     ),
     Remove(String, Sender<Result<(), DeviceManagerError>>),
+    /// Seek device `serial`'s lost backend again (one attempt).
+    Recover(u64),
 }
 
 /// Asks the hot-plug thread to add or remove a device; cheap to clone.
@@ -40,6 +43,12 @@ impl Hotplug {
             .send(Request::Add(Box::new(spec), tx))
             .map_err(|_| DeviceManagerError::Closed)?;
         rx.recv().unwrap_or(Err(DeviceManagerError::Closed))
+    }
+
+    /// Asks for one attempt at reaching device `serial`'s lost backend; returns at once (the
+    /// outcome goes to the device manager).
+    pub fn recover(&self, serial: u64) {
+        let _ = self.requests.send(Request::Recover(serial));
     }
 
     /// Removes device `id`, stopping its queues and its managed backend, and giving back its
@@ -86,6 +95,7 @@ fn serve(manager: &Mutex<DeviceManager>, requests: Receiver<Request>) {
             Request::Remove(id, reply) => {
                 let _ = reply.send(remove(manager, &id));
             }
+            Request::Recover(serial) => recover(manager, serial),
         }
     }
 }
@@ -124,4 +134,45 @@ fn remove(manager: &Mutex<DeviceManager>, id: &str) -> Result<(), DeviceManagerE
         lock(manager).release(&place);
     }
     Ok(())
+}
+
+/// How long one attempt waits for a backend's socket to take a connection.
+const RECOVERY_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// One attempt at device `serial`'s lost backend: connect, negotiate, and have the device's
+/// control thread start the running rings on it. Without the manager's lock.
+fn recover(manager: &Mutex<DeviceManager>, serial: u64) {
+    let Some(target) = lock(manager).recovery_target(serial) else {
+        return;
+    };
+    let attempt = connection::connect(&target.socket, RECOVERY_CONNECT_WAIT, &mut || Ok(()))
+        .map_err(|e| (crate::error_chain(&e), false))
+        .and_then(|stream| {
+            Connection::new(stream, &target.id, target.queues).map_err(|e| {
+                // A backend that answers but is not what the device needs is refused; one
+                // that does not answer (yet) is tried again.
+                let refused = matches!(
+                    e,
+                    ConnectionError::NoVersion1
+                        | ConnectionError::NoProtocolFeatures
+                        | ConnectionError::MissingProtocolFeature(_)
+                        | ConnectionError::BadQueueCount(_)
+                        | ConnectionError::TooFewQueues { .. }
+                );
+                (crate::error_chain(&e), refused)
+            })
+        })
+        .and_then(|conn| {
+            let socket = conn.socket_dup().map_err(|e| (e.to_string(), false))?;
+            target
+                .control
+                .reconnect(conn)
+                .map(|()| socket)
+                .map_err(|e| (e, true))
+        });
+    let mut m = lock(manager);
+    match attempt {
+        Ok(socket) => m.recovered(serial, socket),
+        Err((why, refused)) => m.recovery_failed(serial, &why, refused),
+    }
 }

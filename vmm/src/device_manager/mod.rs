@@ -17,16 +17,16 @@ mod plug;
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cloister_seccomp::landlock::Rules;
 use thiserror::Error;
 
 pub use self::device::Place;
-use self::device::{Device, Plugged};
+use self::device::{Device, Plugged, Recovery};
 use self::placement::{Placement, PlacementError};
 use crate::devices::{Bus, BusError};
 use crate::kinds::{Backend, DeviceSpec};
@@ -34,6 +34,7 @@ use crate::layout::VirtioMmioSlot;
 use crate::memory::GuestMemoryMmap;
 use crate::supervisor::{self, ProcessError, RuntimeDir, SpawnedProcess, Spawner};
 use crate::vhost_user::connection::ConnectionError;
+use crate::vhost_user::control::ControlHandle;
 use crate::virtio::driver_log::DriverLog;
 use crate::virtio::mmio_transport::MmioTransportError;
 use crate::virtio::pci_transport::PciTransportError;
@@ -255,6 +256,9 @@ impl DeviceManager {
             process_watched: false,
             plugged: None,
             failed: false,
+            recovery: None,
+            losses: 0,
+            recoveries: 0,
             later_failures: DriverLog::new(&id_for_log),
         };
         if let Backend::Managed(profile) = &device.spec.backend {
@@ -446,6 +450,10 @@ impl DeviceManager {
         }
         match watch {
             Watch::Changed | Watch::Failure(_) => {}
+            Watch::Socket(_) if d.recoverable() => {
+                d.socket = None;
+                d.lose("backend disconnected");
+            }
             Watch::Socket(_) => {
                 // Poll reports a hang-up until the descriptor goes: stop watching it.
                 d.socket = None;
@@ -472,6 +480,89 @@ impl DeviceManager {
         }
     }
 
+    /// The earliest time a lost backend is to be sought again, for the main loop's wait.
+    pub fn next_recovery(&self) -> Option<Instant> {
+        self.devices
+            .iter()
+            .filter_map(|d| d.recovery.as_ref()?.next)
+            .min()
+    }
+
+    /// The devices whose backend is due to be sought again (each now under way: not due
+    /// again until [`DeviceManager::recovery_failed`]).
+    pub fn due_recoveries(&mut self, now: Instant) -> Vec<u64> {
+        let mut due = Vec::new();
+        for d in &mut self.devices {
+            if let Some(r) = d
+                .recovery
+                .as_mut()
+                .filter(|r| r.next.is_some_and(|t| t <= now))
+            {
+                r.next = None;
+                r.attempts += 1;
+                due.push(d.serial);
+            }
+        }
+        due
+    }
+
+    /// Where device `serial`'s backend is sought: its socket, label and queue count, and its
+    /// control thread; None if it is not being sought.
+    pub fn recovery_target(&self, serial: u64) -> Option<RecoveryTarget> {
+        let d = self.devices.iter().find(|d| d.serial == serial)?;
+        d.recovery.as_ref()?;
+        let control = d.plugged.as_ref()?.control.clone()?;
+        let required = d.spec.kind.required_queues(d.spec.queue_sizes.len());
+        Some(RecoveryTarget {
+            socket: d.socket_path.clone(),
+            id: d.id.clone(),
+            queues: u16::try_from(required).unwrap_or(u16::MAX),
+            control,
+        })
+    }
+
+    /// Device `serial` has its new backend, whose connection `socket` is.
+    pub fn recovered(&mut self, serial: u64, socket: OwnedFd) {
+        if let Some(d) = self.devices.iter_mut().find(|d| d.serial == serial) {
+            if let Some(r) = d.recovery.take() {
+                d.recoveries += 1;
+                eprintln!(
+                    "cloister: {}: backend back after {} ms (recovery {} of {})",
+                    d.label(),
+                    r.since.elapsed().as_millis(),
+                    d.recoveries,
+                    d.losses
+                );
+            }
+            d.socket = Some(socket);
+            let _ = self.changed.write(1);
+        }
+    }
+
+    /// An attempt to reach device `serial`'s backend failed: `refused` (the backend is there
+    /// but will not do) fails the device; otherwise the next attempt is scheduled.
+    pub fn recovery_failed(&mut self, serial: u64, why: &str, refused: bool) {
+        let Some(d) = self.devices.iter_mut().find(|d| d.serial == serial) else {
+            return;
+        };
+        if refused {
+            d.fail(&format!("the backend came back but is refused: {why}"));
+        } else {
+            let label = d.label();
+            if let Some(r) = d.recovery.as_mut() {
+                // Said once, then every 30 attempts (about a minute), not at every try.
+                if r.attempts == 1 || r.attempts % 30 == 0 {
+                    eprintln!(
+                        "cloister: {label}: backend still away after {} s: {why}",
+                        r.since.elapsed().as_secs()
+                    );
+                }
+                r.next = Some(Instant::now() + Recovery::backoff(r.attempts));
+            }
+        }
+        let _ = self.changed.write(1);
+    }
+
     /// Ends every backend connection (without closing descriptors the devices still own): a
     /// request to a backend that takes its time returns at once, so the VM can stop without
     /// waiting out its deadline.
@@ -493,6 +584,14 @@ impl DeviceManager {
         self.spawner = None;
         self.runtime_dir = None;
     }
+}
+
+/// What the hot-plug thread needs to seek a device's backend again.
+pub struct RecoveryTarget {
+    pub socket: PathBuf,
+    pub id: String,
+    pub queues: u16,
+    pub control: ControlHandle,
 }
 
 impl Drop for DeviceManager {

@@ -13,7 +13,7 @@ use crate::layout::VIRTIO_MMIO_SIZE;
 use crate::memory::GuestMemoryMmap;
 use crate::supervisor::{self, SpawnedProcess};
 use crate::vhost_user::connection::{self, ConnectionError};
-use crate::vhost_user::control::Failures;
+use crate::vhost_user::control::{ControlHandle, Failures};
 use crate::vhost_user::{Connection, VhostUserDevice};
 use crate::virtio::mmio_transport::VirtioMmioDevice;
 use crate::virtio::pci_transport::{self, VirtioPciDevice};
@@ -30,6 +30,7 @@ pub struct Connected {
     /// Our duplicate of the connection's socket, for the main loop to watch.
     socket: OwnedFd,
     failures: Arc<Failures>,
+    control: Option<ControlHandle>,
 }
 
 /// Connects to `d`'s backend (waiting for a managed one's socket to appear) and negotiates.
@@ -75,11 +76,13 @@ pub fn connect(mut d: Device, memory: &GuestMemoryMmap) -> Result<Connected, Dev
     )
     .map_err(connect_error)?;
     d.failed = false;
+    let control = vhost.control_handle();
     Ok(Connected {
         device: d,
         vhost,
         socket,
         failures,
+        control,
     })
 }
 
@@ -90,6 +93,7 @@ pub fn place(c: Connected, buses: &mut Buses) -> Result<Device, DeviceManagerErr
         vhost,
         socket,
         failures,
+        control,
     } = c;
     let label = device.label();
     let name = device.id.clone();
@@ -152,6 +156,7 @@ pub fn place(c: Connected, buses: &mut Buses) -> Result<Device, DeviceManagerErr
         transport,
         place,
         failures,
+        control,
     });
     Ok(device)
 }

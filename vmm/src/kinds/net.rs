@@ -378,6 +378,12 @@ impl DeviceKind for Net {
         "net"
     }
 
+    /// A NIC's rings are returned in order (and a frame lost in a restart is just a lost
+    /// frame): a new backend takes over from the used index.
+    fn completes_in_order(&self) -> bool {
+        true
+    }
+
     fn backend_name(&self) -> &str {
         self.backend
     }

@@ -254,6 +254,9 @@ pub struct VringSetup<'a> {
     pub desc: u64,
     pub avail: u64,
     pub used: u64,
+    /// Where the backend starts reading the available ring: 0 for rings the driver has just
+    /// set up; on a new backend for running rings, what the last one had completed.
+    pub base: u16,
     pub kick: &'a EventFd,
     pub call: &'a EventFd,
 }
@@ -475,8 +478,8 @@ impl Connection {
                 })?;
         }
         self.call("SET_VRING_ADDR", |f| f.set_vring_addr(i, &config))?;
-        // Rings start from index 0 after every (re)activation: the driver has reset them.
-        self.call("SET_VRING_BASE", |f| f.set_vring_base(i, 0))?;
+        let base = v.base;
+        self.call("SET_VRING_BASE", |f| f.set_vring_base(i, base))?;
         self.call("SET_VRING_CALL", |f| f.set_vring_call(i, v.call))?;
         self.call("SET_VRING_KICK", |f| f.set_vring_kick(i, v.kick))?;
         self.call("SET_VRING_ENABLE", |f| f.set_vring_enable(i, true))
@@ -763,6 +766,7 @@ mod tests {
             desc: 0x1000,
             avail: 0x2000,
             used: 0x3000,
+            base: 0,
             kick,
             call,
         }

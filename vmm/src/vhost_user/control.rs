@@ -7,6 +7,10 @@
 //!
 //! A failure ends the connection and is reported through [`Failures`]: the device manager's
 //! main loop then marks the device as needing a reset, from a thread that holds no device lock.
+//!
+//! The thread keeps what the running rings were started with, so that a new connection (a
+//! backend restarted after it died) can be handed over and the device started on it again
+//! where the last backend left off ([`Control::reconnect`]).
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -39,8 +43,16 @@ enum Command {
     Stop {
         done: SyncSender<()>,
     },
-    /// The backend is gone: drop the connection.
-    Lost,
+    /// The backend is gone: drop the connection. `coming_back`: a new one is being sought, so
+    /// a start meanwhile waits for it rather than fails.
+    Lost {
+        coming_back: bool,
+    },
+    /// A new backend: replay the running device on it.
+    Reconnect {
+        conn: Box<Connection>,
+        done: SyncSender<Result<(), String>>,
+    },
 }
 
 /// Where a control thread reports what went wrong: the message is kept and the eventfd
@@ -95,6 +107,8 @@ impl Control {
             conn: Some(conn),
             memory,
             started: Vec::new(),
+            active: None,
+            awaiting: false,
             failures,
         };
         let thread = crate::signals::spawn_helper(
@@ -133,11 +147,57 @@ impl Control {
     }
 
     pub fn lost(&self) {
-        self.send(Command::Lost);
+        self.send(Command::Lost { coming_back: false });
+    }
+
+    /// What the device manager keeps to hand the device a new backend later.
+    pub fn handle(&self) -> Option<ControlHandle> {
+        self.commands.as_ref().map(|tx| ControlHandle {
+            commands: tx.clone(),
+        })
+    }
+
+    /// See [`ControlHandle::reconnect`].
+    pub fn reconnect(&self, conn: Connection) -> Result<(), String> {
+        match self.handle() {
+            Some(h) => h.reconnect(conn),
+            None => Err("the device's control thread is gone".into()),
+        }
     }
 
     fn send(&self, c: Command) -> bool {
         self.commands.as_ref().is_some_and(|tx| tx.send(c).is_ok())
+    }
+}
+
+/// Reaches a device's control thread from outside its transport: the device manager hands
+/// the device a new backend through it without taking the transport's lock.
+#[derive(Clone)]
+pub struct ControlHandle {
+    commands: Sender<Command>,
+}
+
+impl ControlHandle {
+    /// The backend is gone and a new one is being sought: the connection is dropped, and the
+    /// driver's starts and stops meanwhile are kept for the new backend, not failed.
+    pub fn lost_for_now(&self) {
+        let _ = self.commands.send(Command::Lost { coming_back: true });
+    }
+
+    /// Hands the device a new connection (the last one is gone) and, if the driver had started
+    /// it, starts it there as it was: the acknowledged features, the memory table, and each
+    /// ring from where the used ring says the last backend got to. Waits for the replay.
+    pub fn reconnect(&self, conn: Connection) -> Result<(), String> {
+        let (done, wait) = mpsc::sync_channel(1);
+        let sent = self.commands.send(Command::Reconnect {
+            conn: Box::new(conn),
+            done,
+        });
+        if sent.is_err() {
+            return Err("the device's control thread is gone".into());
+        }
+        wait.recv()
+            .unwrap_or_else(|_| Err("the device's control thread is gone".into()))
     }
 }
 
@@ -166,19 +226,47 @@ struct Owner {
     memory: GuestMemoryMmap,
     /// Queues the backend is serving.
     started: Vec<usize>,
+    /// What the driver started the device with, until it resets it: replayed on a new
+    /// connection.
+    active: Option<Active>,
+    /// The backend is gone and a new one is being sought.
+    awaiting: bool,
     failures: Arc<Failures>,
+}
+
+struct Active {
+    features: u64,
+    rings: Vec<Ring>,
 }
 
 impl Owner {
     fn serve(mut self, commands: Receiver<Command>) {
         while let Ok(c) = commands.recv() {
             match c {
-                Command::Start { features, rings } => self.start(features, &rings),
+                Command::Start { features, rings } => {
+                    // Without a backend, while a new one is sought, the start waits for it.
+                    let started = match self.awaiting {
+                        true if self.conn.is_none() => Ok(()),
+                        _ => self.start(features, &rings, Base::Zero),
+                    };
+                    if let Err(e) = started {
+                        self.fail(e);
+                    }
+                    // Kept even when the start failed: a new backend gets it.
+                    self.active = Some(Active { features, rings });
+                }
                 Command::Stop { done } => {
+                    self.active = None;
                     self.stop();
                     let _ = done.send(());
                 }
-                Command::Lost => self.drop_connection(),
+                Command::Lost { coming_back } => {
+                    self.awaiting = coming_back;
+                    self.drop_connection();
+                }
+                Command::Reconnect { conn, done } => {
+                    let _ = done.send(self.reconnect(*conn));
+                }
             }
         }
     }
@@ -193,11 +281,11 @@ impl Owner {
         self.failures.report(what);
     }
 
-    fn start(&mut self, features: u64, rings: &[Ring]) {
+    /// Starts `rings` on the backend, each from `base`; on failure, says what failed (the
+    /// caller drops the connection).
+    fn start(&mut self, features: u64, rings: &[Ring], base: Base) -> Result<(), String> {
         let Some(conn) = self.conn.as_mut() else {
-            self.failures
-                .report("cannot start the device: the backend is not connected".into());
-            return;
+            return Err("cannot start the device: the backend is not connected".into());
         };
         let started = &mut self.started;
         let memory = &self.memory;
@@ -211,6 +299,7 @@ impl Owner {
                     desc: ring.desc,
                     avail: ring.avail,
                     used: ring.used,
+                    base: base.of(ring),
                     kick: &ring.kick,
                     call: &ring.call,
                 })?;
@@ -219,20 +308,53 @@ impl Owner {
             conn.barrier()
         });
         if let Err(e) = r {
-            self.fail(format!(
+            return Err(format!(
                 "cannot start the device: {}",
                 crate::error_chain(&e)
             ));
-            return;
         }
         // A driver may kick before DRIVER_OK (virtio-rng queues its one request in probe), and
         // a backend that sees the kick before SET_VRING_ENABLE consumes it and drops it
         // (vhost-user-backend does): with one request outstanding, the queue would wait for
         // ever. A kick now, once the backend has handled the enables (the barrier above), costs
-        // it one look at its rings.
+        // it one look at its rings. (After a reconnect it also covers kicks the dead backend
+        // never read: they are in the same eventfds, but a kick is cheap and a lost one is not.)
         for ring in rings {
             let _ = ring.kick.write(1);
         }
+        Ok(())
+    }
+
+    /// A new backend in place of the lost one: it must offer what the device was started with,
+    /// then gets the running rings, each from the last backend's used index.
+    fn reconnect(&mut self, conn: Connection) -> Result<(), String> {
+        self.drop_connection();
+        self.awaiting = false;
+        let Some(active) = self.active.take() else {
+            self.conn = Some(conn);
+            return Ok(());
+        };
+        let offered = conn.negotiated().features;
+        let missing = active.features & !offered;
+        let queues = conn.negotiated().queues;
+        let needed = active.rings.iter().map(|r| r.index + 1).max().unwrap_or(0) as u64;
+        self.conn = Some(conn);
+        let checked = if missing != 0 {
+            Err(format!(
+                "the new backend lacks features the driver uses ({missing:#x})"
+            ))
+        } else if queues < needed {
+            Err(format!(
+                "the new backend serves {queues} queues, the device runs {needed}"
+            ))
+        } else {
+            self.start(active.features, &active.rings, Base::Used)
+        };
+        if checked.is_err() {
+            self.drop_connection();
+        }
+        self.active = Some(active);
+        checked
     }
 
     fn stop(&mut self) {
@@ -253,6 +375,41 @@ impl Owner {
                 "cannot stop queue {stopping}: {}",
                 crate::error_chain(&e)
             ));
+        }
+    }
+}
+
+/// Where a ring starts on the backend.
+#[derive(Clone, Copy)]
+enum Base {
+    /// At 0: the driver has just set the ring up.
+    Zero,
+    /// At the used ring's index: the requests before it are done; the ones after it, which a
+    /// dead backend may have taken and not finished, are taken again. (Right for a backend
+    /// that completes requests in order; one that does not needs in-flight tracking.)
+    Used,
+}
+
+impl Base {
+    fn of(self, ring: &Ring) -> u16 {
+        match self {
+            Base::Zero => 0,
+            // The used ring's index is the little-endian u16 after its flags. Read byte by byte
+            // (the driver chose the address: it need not be aligned) and volatile (the driver
+            // may write it at any time).
+            Base::Used => {
+                let at = ring.used as usize + 2;
+                // SAFETY: `used` is this process's address of the ring's used ring, checked to
+                // lie in guest memory when the ring was started, and guest memory stays mapped
+                // while the device exists (the owner holds the mapping).
+                let bytes = unsafe {
+                    [
+                        std::ptr::read_volatile(at as *const u8),
+                        std::ptr::read_volatile((at + 1) as *const u8),
+                    ]
+                };
+                u16::from_le_bytes(bytes)
+            }
         }
     }
 }

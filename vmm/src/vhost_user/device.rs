@@ -188,6 +188,19 @@ impl VirtioDevice for VhostUserDevice {
     }
 }
 
+impl VhostUserDevice {
+    /// A new connection in place of a lost backend's: the running device is started on it
+    /// where the last backend stopped ([`Control::reconnect`]).
+    pub fn reconnect(&self, conn: Connection) -> Result<(), String> {
+        self.control.reconnect(conn)
+    }
+
+    /// For the device manager, to hand the device a new backend later.
+    pub fn control_handle(&self) -> Option<super::control::ControlHandle> {
+        self.control.handle()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +232,10 @@ mod tests {
     }
 
     fn start_backend(bin: &Path, tag: &str) -> (Backend, PathBuf) {
+        start_backend_with(bin, tag, &[])
+    }
+
+    fn start_backend_with(bin: &Path, tag: &str, extra: &[&str]) -> (Backend, PathBuf) {
         let dir = std::env::temp_dir().join(format!("cloister-vu-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let image = dir.join("disk.img");
@@ -232,6 +249,7 @@ mod tests {
             .arg(&socket)
             .arg("--image")
             .arg(&image)
+            .args(extra)
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
@@ -322,5 +340,153 @@ mod tests {
         dev.reset();
         let said = failures.take();
         assert!(said[0].contains("not connected"), "{said:?}");
+    }
+
+    /// Puts a one-sector read of `sector` in split ring `base` (the layout of `queue`) as its
+    /// `n`-th request, using descriptors 3n..3n+2 and buffers of its own.
+    fn post_read(ram: &GuestRam, base: u64, n: u16, sector: u64) -> GuestAddress {
+        use vm_memory::Bytes;
+        let mem = &ram.memory;
+        let buffers = base + 0x4000 + u64::from(n) * 0x1000;
+        let (header, data, status) = (buffers, buffers + 0x100, buffers + 0x400);
+        let mut request = [0u8; 16];
+        request[8..].copy_from_slice(&sector.to_le_bytes()); // VIRTIO_BLK_T_IN is 0
+        mem.write_slice(&request, GuestAddress(header)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        let first = 3 * n;
+        let descriptors = [
+            (header, 16u32, 1u16, first + 1), // NEXT
+            (data, 512, 1 | 2, first + 2),    // NEXT | WRITE
+            (status, 1, 2, 0),                // WRITE
+        ];
+        for (i, (addr, len, flags, next)) in descriptors.into_iter().enumerate() {
+            let at = GuestAddress(base + 16 * (u64::from(first) + i as u64));
+            mem.write_obj(addr, at).unwrap();
+            mem.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(at.0 + 12)).unwrap();
+            mem.write_obj(next, GuestAddress(at.0 + 14)).unwrap();
+        }
+        let avail = base + 0x1000;
+        mem.write_obj(first, GuestAddress(avail + 4 + 2 * u64::from(n % 16)))
+            .unwrap();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        mem.write_obj(n + 1, GuestAddress(avail + 2)).unwrap();
+        GuestAddress(status)
+    }
+
+    /// Waits (at most 10 s) for the used ring at `base` to reach `idx`.
+    fn wait_used(ram: &GuestRam, base: u64, idx: u16) -> bool {
+        use vm_memory::Bytes;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            let used: u16 = ram.memory.read_obj(GuestAddress(base + 0x2002)).unwrap();
+            if used == idx {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn a_new_backend_takes_over_the_running_rings() {
+        use vm_memory::Bytes;
+        let Some(bin) = backend_binary() else {
+            eprintln!("vhost-user-blk not built: skipped");
+            return;
+        };
+        let connect = |socket: &Path| {
+            let stream =
+                connection::connect(socket, Duration::from_secs(10), &mut || Ok(())).unwrap();
+            Connection::new(stream, "test", 1).unwrap()
+        };
+        let (mut first, socket) = start_backend(&bin, "takeover-1");
+        let ram = GuestRam::new(RamLayout::new(16 << 20)).unwrap();
+        let kind = crate::kinds::blk::parse("socket=/x", cloister_seccomp::SeccompMode::True)
+            .unwrap()
+            .kind;
+        let failures = Failures::new().unwrap();
+        let mut dev = VhostUserDevice::new(
+            "disk0",
+            kind,
+            connect(&socket),
+            ram.memory.clone(),
+            vec![16],
+            failures.clone(),
+        )
+        .unwrap();
+        let base = 0x10_0000;
+        let ring = queue(0, base);
+        let kick = ring.kick.try_clone().unwrap();
+        dev.activate(1 << VIRTIO_F_VERSION_1, vec![ring]).unwrap();
+
+        let status = post_read(&ram, base, 0, 1);
+        kick.write(1).unwrap();
+        assert!(wait_used(&ram, base, 1), "the first backend never answered");
+        assert_eq!(ram.memory.read_obj::<u8>(status).unwrap(), 0);
+
+        // The backend dies; the driver goes on and queues a request that nobody takes.
+        let _ = first.child.kill();
+        let _ = first.child.wait();
+        let status = post_read(&ram, base, 1, 2);
+        kick.write(1).unwrap();
+
+        // A new backend: the ring goes on from where the used ring says the last one was.
+        let (_second, socket) = start_backend(&bin, "takeover-2");
+        dev.reconnect(connect(&socket)).unwrap();
+        assert!(
+            wait_used(&ram, base, 2),
+            "the new backend never took the queued request"
+        );
+        assert_eq!(ram.memory.read_obj::<u8>(status).unwrap(), 0);
+        // And only it: the request the first backend finished is not done again.
+        std::thread::sleep(Duration::from_millis(200));
+        let used: u16 = ram.memory.read_obj(GuestAddress(base + 0x2002)).unwrap();
+        assert_eq!(used, 2, "a finished request was taken again");
+        assert_eq!(failures.take(), Vec::<String>::new());
+
+        // A stop and a start work on the new backend as on the first.
+        dev.reset();
+        dev.activate(1 << VIRTIO_F_VERSION_1, vec![queue(0, 0x20_0000)])
+            .unwrap();
+        dev.reset();
+        assert_eq!(failures.take(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_new_backend_without_the_features_in_use_is_refused() {
+        let Some(bin) = backend_binary() else {
+            eprintln!("vhost-user-blk not built: skipped");
+            return;
+        };
+        let (_first, socket) = start_backend_with(&bin, "refuse-1", &["--readonly"]);
+        let ram = GuestRam::new(RamLayout::new(16 << 20)).unwrap();
+        let kind = crate::kinds::blk::parse("socket=/x", cloister_seccomp::SeccompMode::True)
+            .unwrap()
+            .kind;
+        let stream = connection::connect(&socket, Duration::from_secs(10), &mut || Ok(())).unwrap();
+        let failures = Failures::new().unwrap();
+        let mut dev = VhostUserDevice::new(
+            "disk0",
+            kind,
+            Connection::new(stream, "test", 1).unwrap(),
+            ram.memory.clone(),
+            vec![16],
+            failures.clone(),
+        )
+        .unwrap();
+        // The driver took a feature the next backend does not offer (a read-only disk).
+        let read_only = 1u64 << 5;
+        dev.activate(
+            (1 << VIRTIO_F_VERSION_1) | read_only,
+            vec![queue(0, 0x10_0000)],
+        )
+        .unwrap();
+        let (_second, socket) = start_backend(&bin, "refuse-2");
+        let stream = connection::connect(&socket, Duration::from_secs(10), &mut || Ok(())).unwrap();
+        let e = dev
+            .reconnect(Connection::new(stream, "test", 1).unwrap())
+            .unwrap_err();
+        assert!(e.contains("lacks features"), "{e}");
     }
 }

@@ -54,6 +54,12 @@ pub trait DeviceKind: Send + Sync {
     fn required_queues(&self, asked: usize) -> usize {
         asked
     }
+    /// Whether a backend of this kind returns what it takes from a ring in the order it took
+    /// it, so that a new backend can take over a running ring from its used index when the
+    /// last one dies. (One that completes out of order, a disk's, needs in-flight tracking.)
+    fn completes_in_order(&self) -> bool {
+        false
+    }
 }
 
 /// Every device-specific feature bit (0-23), for kinds whose features we pass through as
