@@ -31,9 +31,18 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most queues we accept from GET_QUEUE_NUM: what the PCI transport's MSI-X table holds.
 pub const MAX_BACKEND_QUEUES: u64 = crate::virtio::pci_transport::MAX_QUEUES as u64;
 
+/// "10 s", or "50 ms" for a wait shorter than a second.
+fn wait_text(d: &Duration) -> String {
+    if d.as_secs() == 0 {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{} s", d.as_secs())
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum ConnectionError {
-    #[error("socket {} did not accept a connection within {} s", .path.display(), .timeout.as_secs())]
+    #[error("socket {} did not accept a connection within {}", .path.display(), wait_text(.timeout))]
     ConnectTimeout {
         path: PathBuf,
         timeout: Duration,
