@@ -48,6 +48,8 @@ enum Command {
     Lost {
         coming_back: bool,
     },
+    /// The device is going: the thread ends (handles may still hold senders).
+    Quit,
     /// A new backend: replay the running device on it.
     Reconnect {
         conn: Box<Connection>,
@@ -206,6 +208,8 @@ impl Drop for Control {
         // Ends a request in progress, then the thread (its queue closes).
         // SAFETY: shutdown(2) on a socket descriptor we own; no memory involved.
         unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
+        // Closing our sender is not enough: the device manager's handles hold others.
+        self.send(Command::Quit);
         self.commands = None;
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
@@ -267,6 +271,7 @@ impl Owner {
                 Command::Reconnect { conn, done } => {
                     let _ = done.send(self.reconnect(*conn));
                 }
+                Command::Quit => break,
             }
         }
     }
