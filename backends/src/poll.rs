@@ -127,6 +127,15 @@ pub fn events_waiting(thread_events: Option<RawFd>) -> bool {
     unsafe { libc::poll(&mut poll, 1, 0) > 0 }
 }
 
+/// Where EVENT_IDX's `avail_event` lives: after the used ring's flags and idx (2 bytes each)
+/// and its elements (8 bytes each).
+pub fn avail_event_address(queue: &impl QueueT) -> Option<GuestAddress> {
+    queue
+        .used_ring()
+        .checked_add(4 + 8 * u64::from(queue.size()))
+        .map(GuestAddress)
+}
+
 /// Tells the driver not to kick while a worker polls its queue. Without EVENT_IDX the used ring's
 /// NO_NOTIFY flag, set before popping, already does. With it, virtio-queue's
 /// `disable_notification` leaves avail_event where it was last armed (it has no way to move it
@@ -141,12 +150,7 @@ pub fn suppress_kicks(queue: &impl QueueT, mem: &GuestMemory) {
     }
     // The used ring was checked to lie in guest memory when the queue was set up; the store is
     // checked again anyway, and a failure only means the driver keeps kicking.
-    // After the used ring's flags and idx (2 bytes each) and its elements (8 bytes each).
-    let avail_event = queue
-        .used_ring()
-        .checked_add(4 + 8 * u64::from(queue.size()))
-        .map(GuestAddress);
-    if let Some(addr) = avail_event {
+    if let Some(addr) = avail_event_address(queue) {
         let behind = queue.next_avail().wrapping_sub(1);
         let _ = mem.store(behind.to_le(), addr, Ordering::Release);
     }

@@ -12,7 +12,9 @@ use std::sync::atomic::{fence, Ordering};
 
 use vhost_user_backend::VringT;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::Bytes;
+
+use cloister_backends::poll::avail_event_address;
 
 use super::{GuestMemory, PairWorker, State, Vring, BATCH};
 use crate::filter::RxFilter;
@@ -369,14 +371,8 @@ impl PairWorker {
 fn rearm_past(state: &mut State, mem: &GuestMemory, seen: u16) -> bool {
     let queue = state.get_queue();
     if queue.event_idx_enabled() {
-        let size = u64::from(queue.size());
-        // After the used ring's flags and idx (2 bytes each) and its elements (8 bytes each);
-        // the used ring was checked to lie in guest memory when the queue was set up.
-        let at = queue
-            .used_ring()
-            .checked_add(4 + 8 * size)
-            .map(GuestAddress);
-        match at {
+        // The used ring was checked to lie in guest memory when the queue was set up.
+        match avail_event_address(queue) {
             Some(at) if mem.store(seen.to_le(), at, Ordering::Release).is_ok() => {}
             _ => return false,
         }
