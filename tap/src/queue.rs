@@ -26,6 +26,9 @@ impl Offloads {
     }
 }
 
+/// How long [`TapQueue::open_queues`] waits for a busy tap to be let go.
+pub const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// One queue of a tap device.
 #[derive(Debug)]
 pub struct TapQueue {
@@ -66,8 +69,26 @@ impl TapQueue {
         })
     }
 
-    /// Opens `count` queues of one tap (multi-queue when more than one).
+    /// Opens `count` queues of one tap (multi-queue when more than one). A tap that is busy
+    /// is tried again for up to [`BUSY_PATIENCE`]: a process that has just exited can hold its
+    /// queue a little longer (the kernel lets go of an io_uring's registered files from a work
+    /// queue, after the process is gone), so a tap a stopped backend used is briefly busy.
     pub fn open_queues(name: &str, count: usize) -> Result<Vec<Self>> {
+        let deadline = std::time::Instant::now() + BUSY_PATIENCE;
+        loop {
+            match Self::try_open_queues(name, count) {
+                Err(Error::SetIff { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_open_queues(name: &str, count: usize) -> Result<Vec<Self>> {
         let first = Self::open(name, count > 1)?;
         let actual = first.name.clone();
         let mut queues = vec![first];
