@@ -56,6 +56,8 @@ pub struct Device {
     /// Where its backend listens (for `socket=`, the user's path).
     pub socket_path: PathBuf,
     pub process: Option<SpawnedProcess>,
+    /// The managed backend's arguments, as first started (to start it again the same way).
+    pub spawn_args: Vec<OsString>,
     /// Our own descriptor of the connection's socket, watched for a hang-up.
     pub socket: Option<OwnedFd>,
     pub process_watched: bool,
@@ -86,9 +88,10 @@ impl Device {
     }
 
     /// Whether a lost backend is sought again rather than the device failed: an operator's
-    /// backend (`socket=`) of a kind whose rings a new backend can take over.
+    /// backend (`socket=`, connected to again) or a managed one (started again), of a kind
+    /// whose rings a new backend can take over.
     pub fn recoverable(&self) -> bool {
-        matches!(self.spec.backend, Backend::Socket(_))
+        matches!(self.spec.backend, Backend::Socket(_) | Backend::Managed(_))
             && self.spec.kind.completes_in_order()
             && self.plugged.as_ref().is_some_and(|p| p.control.is_some())
             && !self.failed

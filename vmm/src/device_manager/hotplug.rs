@@ -136,7 +136,7 @@ fn remove(manager: &Mutex<DeviceManager>, id: &str) -> Result<(), DeviceManagerE
     Ok(())
 }
 
-/// How long one attempt waits for a backend's socket to take a connection.
+/// How long one attempt waits for an operator's backend's socket to take a connection.
 const RECOVERY_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// One attempt at device `serial`'s lost backend: connect, negotiate, and have the device's
@@ -145,31 +145,46 @@ fn recover(manager: &Mutex<DeviceManager>, serial: u64) {
     let Some(target) = lock(manager).recovery_target(serial) else {
         return;
     };
-    let attempt = connection::connect(&target.socket, RECOVERY_CONNECT_WAIT, &mut || Ok(()))
-        .map_err(|e| (crate::error_chain(&e), false))
-        .and_then(|stream| {
-            Connection::new(stream, &target.id, target.queues).map_err(|e| {
-                // A backend that answers but is not what the device needs is refused; one
-                // that does not answer (yet) is tried again.
-                let refused = matches!(
-                    e,
-                    ConnectionError::NoVersion1
-                        | ConnectionError::NoProtocolFeatures
-                        | ConnectionError::MissingProtocolFeature(_)
-                        | ConnectionError::BadQueueCount(_)
-                        | ConnectionError::TooFewQueues { .. }
-                );
-                (crate::error_chain(&e), refused)
-            })
+    if target.managed {
+        if let Err(why) = lock(manager).respawn_if_gone(serial) {
+            lock(manager).recovery_failed(serial, &why, false);
+            return;
+        }
+    }
+    // A backend we start gets the time any managed backend gets to make its socket; one
+    // that exits meanwhile ends the wait.
+    let wait = if target.managed {
+        super::CONNECT_TIMEOUT
+    } else {
+        RECOVERY_CONNECT_WAIT
+    };
+    let attempt = connection::connect(&target.socket, wait, &mut || {
+        lock(manager).backend_alive(serial)
+    })
+    .map_err(|e| (crate::error_chain(&e), false))
+    .and_then(|stream| {
+        Connection::new(stream, &target.id, target.queues).map_err(|e| {
+            // A backend that answers but is not what the device needs is refused; one
+            // that does not answer (yet) is tried again.
+            let refused = matches!(
+                e,
+                ConnectionError::NoVersion1
+                    | ConnectionError::NoProtocolFeatures
+                    | ConnectionError::MissingProtocolFeature(_)
+                    | ConnectionError::BadQueueCount(_)
+                    | ConnectionError::TooFewQueues { .. }
+            );
+            (crate::error_chain(&e), refused)
         })
-        .and_then(|conn| {
-            let socket = conn.socket_dup().map_err(|e| (e.to_string(), false))?;
-            target
-                .control
-                .reconnect(conn)
-                .map(|()| socket)
-                .map_err(|e| (e, true))
-        });
+    })
+    .and_then(|conn| {
+        let socket = conn.socket_dup().map_err(|e| (e.to_string(), false))?;
+        target
+            .control
+            .reconnect(conn)
+            .map(|()| socket)
+            .map_err(|e| (e, true))
+    });
     let mut m = lock(manager);
     match attempt {
         Ok(socket) => m.recovered(serial, socket),

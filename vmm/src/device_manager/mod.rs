@@ -252,6 +252,7 @@ impl DeviceManager {
             spec,
             socket_path,
             process: None,
+            spawn_args: Vec::new(),
             socket: None,
             process_watched: false,
             plugged: None,
@@ -275,6 +276,7 @@ impl DeviceManager {
             device.socket_path = PathBuf::from(listening);
             device.process = Some(p);
             device.process_watched = true;
+            device.spawn_args = args;
         }
         Ok(device)
     }
@@ -452,7 +454,24 @@ impl DeviceManager {
             Watch::Changed | Watch::Failure(_) => {}
             Watch::Socket(_) if d.recoverable() => {
                 d.socket = None;
-                d.lose("backend disconnected");
+                let exited = d.process.as_mut().and_then(|p| p.wait_timeout(EXIT_GRACE));
+                let what = match exited {
+                    Some(s) => {
+                        d.process_watched = false;
+                        format!("backend exited with {}", supervisor::describe(s))
+                    }
+                    None => "backend disconnected".to_string(),
+                };
+                d.lose(&what);
+            }
+            Watch::Process(_) if d.recoverable() => {
+                d.process_watched = false;
+                let status = d.process.as_mut().and_then(SpawnedProcess::try_wait);
+                let what = match status {
+                    Some(s) => format!("backend exited with {}", supervisor::describe(s)),
+                    None => "backend exited".to_string(),
+                };
+                d.lose(&what);
             }
             Watch::Socket(_) => {
                 // Poll reports a hang-up until the descriptor goes: stop watching it.
@@ -514,11 +533,53 @@ impl DeviceManager {
         let control = d.plugged.as_ref()?.control.clone()?;
         let required = d.spec.kind.required_queues(d.spec.queue_sizes.len());
         Some(RecoveryTarget {
+            managed: matches!(d.spec.backend, Backend::Managed(_)),
             socket: d.socket_path.clone(),
             id: d.id.clone(),
             queues: u16::try_from(required).unwrap_or(u16::MAX),
             control,
         })
+    }
+
+    /// Starts device `serial`'s managed backend again, as before, if its process is gone (one
+    /// still running, which only hung up, is connected to again). Nothing for an operator's.
+    pub fn respawn_if_gone(&mut self, serial: u64) -> Result<(), String> {
+        if self.closed {
+            return Err("the VM is stopping".into());
+        }
+        let Some(d) = self.devices.iter_mut().find(|d| d.serial == serial) else {
+            return Ok(());
+        };
+        let Backend::Managed(profile) = &d.spec.backend else {
+            return Ok(());
+        };
+        if let Some(p) = d.process.as_mut() {
+            if p.try_wait().is_none() {
+                return Ok(());
+            }
+        }
+        let spawner = self.spawner.as_ref().ok_or("the VM is stopping")?;
+        let p = spawner
+            .spawn(&profile.program, &d.spawn_args, profile.tap.as_ref())
+            .map_err(|e| crate::error_chain(&e))?;
+        d.process = Some(p);
+        d.process_watched = true;
+        let _ = self.changed.write(1);
+        Ok(())
+    }
+
+    /// Whether device `serial`'s managed backend is still running (an operator's: assumed).
+    pub fn backend_alive(&mut self, serial: u64) -> Result<(), String> {
+        let Some(d) = self.devices.iter_mut().find(|d| d.serial == serial) else {
+            return Err("the device is gone".into());
+        };
+        match d.process.as_mut().and_then(SpawnedProcess::try_wait) {
+            Some(s) => Err(format!(
+                "the backend exited with {} before its socket appeared",
+                supervisor::describe(s)
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Device `serial` has its new backend, whose connection `socket` is.
@@ -588,6 +649,8 @@ impl DeviceManager {
 
 /// What the hot-plug thread needs to seek a device's backend again.
 pub struct RecoveryTarget {
+    /// Started by us: started again if its process is gone.
+    pub managed: bool,
     pub socket: PathBuf,
     pub id: String,
     pub queues: u16,
