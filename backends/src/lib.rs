@@ -15,6 +15,7 @@
 pub mod cli;
 pub mod error;
 pub mod guest_memory;
+pub mod inflight;
 pub mod logging;
 pub mod options;
 pub mod poll;

@@ -18,6 +18,12 @@
 //! The crate side is a connection to an abstract unix socket of this process (no file, and
 //! Landlock lets a process reach the abstract sockets it made). Only control messages cross the
 //! relay; the data path (shared memory, eventfds) does not.
+//!
+//! With an [`InflightHook`], the relay also serves `GET_INFLIGHT_FD` and `SET_INFLIGHT_FD`
+//! (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`, which it adds to what the backend offers):
+//! `vhost-user-backend` (0.24) answers both with "not supported", and the crate's request
+//! handler cannot be extended without forking it. The relay makes or maps the region
+//! ([`crate::inflight`]) and gives it to the device.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -29,8 +35,19 @@ use std::thread::JoinHandle;
 
 use vhost::vhost_user::Listener;
 
+use crate::inflight::InflightRegion;
+
 const HEADER_LEN: usize = 12;
 const SET_FEATURES: u32 = 2;
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const SET_PROTOCOL_FEATURES: u32 = 16;
+const GET_INFLIGHT_FD: u32 = 31;
+const SET_INFLIGHT_FD: u32 = 32;
+/// `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`.
+const INFLIGHT_SHMFD: u64 = 1 << 12;
+/// `struct VhostUserInflight`: mmap size and offset (u64), queue count and size (u16); 24
+/// bytes with C's padding, which frontends send (and expect back).
+const INFLIGHT_LEN: usize = 20;
 const RESET_OWNER: u32 = 4;
 const RESET_DEVICE: u32 = 34;
 const SET_VRING_ENABLE: u32 = 18;
@@ -45,6 +62,17 @@ const MAX_PAYLOAD: usize = 64 * 1024;
 /// Told of each `SET_VRING_ENABLE` (ring index, enabled) that reaches the backend.
 pub type VringEnableHook = Arc<dyn Fn(u32, bool) + Send + Sync>;
 
+/// Given the in-flight region the frontend asked for (`GET_INFLIGHT_FD`, a new empty one) or
+/// handed over (`SET_INFLIGHT_FD`, what an earlier backend left).
+pub type InflightHook = Arc<dyn Fn(Arc<InflightRegion>) + Send + Sync>;
+
+/// What the device wants to be told of.
+#[derive(Default, Clone)]
+pub struct RelayHooks {
+    pub on_enable: Option<VringEnableHook>,
+    pub inflight: Option<InflightHook>,
+}
+
 /// The relayed connection: the listener the crate accepts the relay's end from, and the two
 /// relay threads.
 pub struct Relay {
@@ -55,7 +83,7 @@ pub struct Relay {
 impl Relay {
     /// Relays `frontend`: returns a listener with one pending connection, for
     /// `VhostUserDaemon::start`.
-    pub fn start(frontend: UnixStream, on_enable: Option<VringEnableHook>) -> io::Result<Self> {
+    pub fn start(frontend: UnixStream, hooks: RelayHooks) -> io::Result<Self> {
         // A random name (getpid is not in the sandbox's policy; getrandom is).
         let mut nonce = [0u8; 8];
         // SAFETY: getrandom into a buffer of the length given.
@@ -72,6 +100,7 @@ impl Relay {
         let (f_read, f_write) = (frontend.try_clone()?, frontend);
         let (i_read, i_write) = (inner.try_clone()?, inner);
         let f_write_for_acks = f_write.try_clone()?;
+        let advertise_inflight = hooks.inflight.is_some();
         let down = {
             let features_set = Arc::clone(&features_set);
             std::thread::Builder::new()
@@ -80,9 +109,9 @@ impl Relay {
                     let frontend_side = FrontendSide {
                         acks: &f_write_for_acks,
                         features_set: &features_set,
-                        on_enable,
+                        hooks,
                     };
-                    let end = forward(&f_read, &i_write, Some(frontend_side));
+                    let end = forward(&f_read, &i_write, Side::Frontend(frontend_side));
                     log_end("frontend", end);
                     let _ = i_write.shutdown(std::net::Shutdown::Both);
                 })?
@@ -90,7 +119,7 @@ impl Relay {
         let up = std::thread::Builder::new()
             .name("relay-up".into())
             .spawn(move || {
-                let end = forward(&i_read, &f_write, None);
+                let end = forward(&i_read, &f_write, Side::Backend { advertise_inflight });
                 log_end("backend", end);
                 let _ = f_write.shutdown(std::net::Shutdown::Both);
             })?;
@@ -118,20 +147,23 @@ fn log_end(side: &str, end: io::Result<()>) {
 
 /// What the frontend's direction of the relay needs.
 struct FrontendSide<'a> {
-    /// Where early `SET_VRING_ENABLE`s are answered.
+    /// Where the relay's own answers go.
     acks: &'a UnixStream,
     features_set: &'a AtomicBool,
-    on_enable: Option<VringEnableHook>,
+    hooks: RelayHooks,
 }
 
-/// Moves whole messages from `from` to `to` until either closes. With `frontend_side`, the
-/// frontend's direction: early `SET_VRING_ENABLE`s are answered on the frontend's socket and
-/// dropped, later ones reported to the hook.
-fn forward(
-    from: &UnixStream,
-    to: &UnixStream,
-    frontend_side: Option<FrontendSide<'_>>,
-) -> io::Result<()> {
+/// Which way a relay thread moves messages.
+enum Side<'a> {
+    /// From the frontend: early `SET_VRING_ENABLE`s are answered on the frontend's socket and
+    /// dropped, later ones reported to the hook; the in-flight requests are served here.
+    Frontend(FrontendSide<'a>),
+    /// From the backend: with `advertise_inflight`, its protocol features gain INFLIGHT_SHMFD.
+    Backend { advertise_inflight: bool },
+}
+
+/// Moves whole messages from `from` to `to` until either closes, as `side` says.
+fn forward(from: &UnixStream, to: &UnixStream, side: Side<'_>) -> io::Result<()> {
     let mut payload = vec![0u8; MAX_PAYLOAD];
     loop {
         let Some((header, fds)) = read_header(from)? else {
@@ -147,12 +179,35 @@ fn forward(
             ));
         }
         read_full(from, &mut payload[..size])?;
-        if let Some(FrontendSide {
+        if let Side::Backend {
+            advertise_inflight: true,
+        } = side
+        {
+            if request == GET_PROTOCOL_FEATURES && flags & REPLY != 0 && size >= 8 {
+                let offered = read_u64(&payload, 0) | INFLIGHT_SHMFD;
+                payload[..8].copy_from_slice(&offered.to_le_bytes());
+            }
+        }
+        if let Side::Frontend(FrontendSide {
             acks: frontend,
             features_set,
-            on_enable,
-        }) = &frontend_side
+            hooks,
+        }) = &side
         {
+            if let Some(hook) = &hooks.inflight {
+                match request {
+                    GET_INFLIGHT_FD | SET_INFLIGHT_FD => {
+                        serve_inflight(frontend, request, flags, &payload[..size], fds, hook)?;
+                        continue;
+                    }
+                    // The crate is not told of a feature it does not have.
+                    SET_PROTOCOL_FEATURES if size >= 8 => {
+                        let acked = read_u64(&payload, 0) & !INFLIGHT_SHMFD;
+                        payload[..8].copy_from_slice(&acked.to_le_bytes());
+                    }
+                    _ => {}
+                }
+            }
             match request {
                 SET_FEATURES => features_set.store(true, Ordering::Release),
                 // The crate forgets the features on a reset; so does the relay.
@@ -172,7 +227,7 @@ fn forward(
                 continue;
             }
             if request == SET_VRING_ENABLE && size >= 8 {
-                if let Some(hook) = on_enable {
+                if let Some(hook) = &hooks.on_enable {
                     // struct vhost_vring_state: the ring's index, then 1 to enable it.
                     let word = |at: usize| {
                         u32::from_le_bytes([
@@ -188,6 +243,86 @@ fn forward(
         }
         send(to, &header, &payload[..size], &fds)?;
     }
+}
+
+fn read_u64(payload: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&payload[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+fn read_u16(payload: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([payload[at], payload[at + 1]])
+}
+
+/// Answers `GET_INFLIGHT_FD` with a new region, or maps the one `SET_INFLIGHT_FD` hands over;
+/// either way the device gets it. A region that cannot be made is answered with a size of 0
+/// (no tracking, which frontends accept); one that cannot be mapped is refused when the
+/// frontend wants a reply, and logged either way.
+fn serve_inflight(
+    frontend: &UnixStream,
+    request: u32,
+    flags: u32,
+    payload: &[u8],
+    fds: Vec<OwnedFd>,
+    hook: &InflightHook,
+) -> io::Result<()> {
+    if payload.len() < INFLIGHT_LEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a {}-byte in-flight request", payload.len()),
+        ));
+    }
+    let (size, offset) = (read_u64(payload, 0), read_u64(payload, 8));
+    let (queues, queue_size) = (read_u16(payload, 16), read_u16(payload, 18));
+    let header = |len: u32| {
+        let mut h = Vec::with_capacity(HEADER_LEN + INFLIGHT_LEN);
+        h.extend_from_slice(&request.to_le_bytes());
+        h.extend_from_slice(&(VERSION | REPLY).to_le_bytes());
+        h.extend_from_slice(&len.to_le_bytes());
+        h
+    };
+    if request == GET_INFLIGHT_FD {
+        // The request's own layout back, with the size and offset filled in.
+        let mut answer = payload.to_vec();
+        let made = InflightRegion::create(queues, queue_size);
+        let (len, fds) = match made {
+            Ok((region, fd, len)) => {
+                hook(Arc::new(region));
+                (len, vec![fd])
+            }
+            Err(e) => {
+                log::warn!("cannot track in-flight requests: {e}");
+                (0, Vec::new())
+            }
+        };
+        answer[..8].copy_from_slice(&len.to_le_bytes());
+        answer[8..16].copy_from_slice(&0u64.to_le_bytes());
+        return send(frontend, &header(answer.len() as u32), &answer, &fds);
+    }
+    let adopted = match fds.first() {
+        Some(fd) => {
+            InflightRegion::adopt(fd, size, offset, queues, queue_size).map_err(|e| e.to_string())
+        }
+        None => Err("SET_INFLIGHT_FD without a descriptor".to_string()),
+    };
+    let status: u64 = match adopted {
+        Ok(region) => {
+            log::info!("in-flight region of {queues} queue(s) of {queue_size} handed over");
+            hook(Arc::new(region));
+            0
+        }
+        Err(e) => {
+            log::warn!("refusing the frontend's in-flight region: {e}");
+            1
+        }
+    };
+    if flags & NEED_REPLY != 0 {
+        let mut reply = header(8);
+        reply.extend_from_slice(&status.to_le_bytes());
+        send(frontend, &reply, &[], &[])?;
+    }
+    Ok(())
 }
 
 /// Fills `buf` (a payload: no descriptors come with it). recvmsg and sendmsg only: `read` and
@@ -334,7 +469,7 @@ mod tests {
     #[test]
     fn early_vring_enables_are_answered_and_the_rest_goes_through() {
         let (mut frontend, ours) = UnixStream::pair().unwrap();
-        let relay = Relay::start(ours, None).unwrap();
+        let relay = Relay::start(ours, RelayHooks::default()).unwrap();
         let (mut backend, _) = relay.listener_accept();
         // An early enable with NEED_REPLY: answered by the relay, never seen by the backend.
         frontend

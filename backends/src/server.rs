@@ -49,10 +49,9 @@ pub trait Device {
         false
     }
 
-    /// With the relay: what to tell of each ring the frontend enables or disables once
-    /// features are set.
-    fn vring_enable_hook(&self) -> Option<crate::relay::VringEnableHook> {
-        None
+    /// With the relay: what to tell the device of (rings enabled, in-flight regions).
+    fn relay_hooks(&self) -> crate::relay::RelayHooks {
+        crate::relay::RelayHooks::default()
     }
 }
 
@@ -84,8 +83,7 @@ where
                     )))
                 }
             };
-            let mut relay =
-                Relay::start(frontend, device.vring_enable_hook()).map_err(Error::Relay)?;
+            let mut relay = Relay::start(frontend, device.relay_hooks()).map_err(Error::Relay)?;
             let served = serve_one(name, device, stop, connections, |daemon| {
                 daemon.start(&mut relay.listener)
             });
@@ -129,7 +127,7 @@ where
     while !stop.requested() {
         let served = if device.relay_frontend() {
             match std::os::unix::net::UnixStream::connect(socket)
-                .and_then(|stream| Relay::start(stream, device.vring_enable_hook()))
+                .and_then(|stream| Relay::start(stream, device.relay_hooks()))
             {
                 Ok(mut relay) => {
                     let served = serve_one(name, device, stop, connections + 1, |daemon| {

@@ -114,7 +114,9 @@ impl ThreadRole {
                 base(),
                 spawns_threads(),
                 backend_main(),
+                backend_connect(),
                 vhost_user_control(),
+                inflight_region(),
                 // Inherited by the threads it starts, until they narrow it.
                 vring_worker(),
                 blk_io(),
@@ -530,6 +532,18 @@ fn vhost_user_control() -> Vec<Rule> {
             Refusal::Policy,
             "vhost-user-backend checks a socket the frontend hands over (SET_BACKEND_REQ_FD, GPU_SET_SOCKET; neither is offered): the request fails and the connection ends, not the daemon",
         ),
+    ]
+}
+
+/// The in-flight region a frontend asks for (`GET_INFLIGHT_FD`): made by the relay thread.
+fn inflight_region() -> Vec<Rule> {
+    use libc::*;
+    vec![
+        allow(
+            SYS_memfd_create,
+            "makes the in-flight region the frontend keeps across backend restarts",
+        ),
+        allow(SYS_ftruncate, "sizes the in-flight region"),
     ]
 }
 

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use cloister_backends::guest_memory::ConnectionMemory;
+use cloister_backends::relay::RelayHooks;
 use cloister_backends::server::GuestMemory;
 use cloister_backends::{Device, WorkerExits};
 use cloister_seccomp::ThreadRole;
@@ -21,6 +22,7 @@ use crate::config::{Config, EngineKind};
 use crate::disk::{Disk, SECTOR_SIZE};
 use crate::engine::Engine;
 use crate::error::Error;
+use crate::inflight::RegionSlot;
 use crate::io_uring_engine::UringEngine;
 use crate::queue::{early_return, QueueWorker, Vring};
 use crate::request::Limits;
@@ -36,6 +38,9 @@ struct Shared {
     /// One per queue, each driven by the worker thread `threads` assigns it.
     workers: Vec<WorkerSlot>,
     threads: ThreadMap,
+    /// The in-flight region of the current connection, once the frontend asked for or handed
+    /// over one (through the relay).
+    inflight: RegionSlot,
 }
 
 struct WorkerSlot {
@@ -115,6 +120,7 @@ impl BlkDevice {
             max_descriptors: geometry.seg_max() as usize + 2,
             serial: config.serial,
         });
+        let inflight = RegionSlot::default();
         let mut workers = Vec::with_capacity(config.queues.into());
         for queue in 0..usize::from(config.queues) {
             let engine = match config.engine {
@@ -130,6 +136,7 @@ impl BlkDevice {
                 Arc::clone(&limits),
                 config.poll_max,
                 early_return(config.threads, config.cpus),
+                Arc::clone(&inflight),
             )
             .map_err(|source| Error::Worker { queue, source })?;
             workers.push(WorkerSlot {
@@ -156,6 +163,7 @@ impl BlkDevice {
                 geometry,
                 workers,
                 threads: ThreadMap::new(config.queues, config.threads),
+                inflight,
             }),
         })
     }
@@ -208,6 +216,30 @@ impl Device for BlkDevice {
             self.shared.control(queue, QueueWorker::disconnect);
         }
         backend.mem.clear();
+        // The next frontend brings its own, or none.
+        *self
+            .shared
+            .inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// Through the relay, which serves the in-flight requests the crate does not.
+    fn relay_frontend(&self) -> bool {
+        true
+    }
+
+    fn relay_hooks(&self) -> RelayHooks {
+        let shared = Arc::clone(&self.shared);
+        RelayHooks {
+            on_enable: None,
+            inflight: Some(Arc::new(move |region| {
+                *shared
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(region);
+            })),
+        }
     }
 }
 

@@ -41,6 +41,7 @@ mod config;
 mod disk;
 mod engine;
 mod error;
+mod inflight;
 mod io_uring_engine;
 mod queue;
 mod request;

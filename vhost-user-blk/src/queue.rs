@@ -18,7 +18,10 @@ use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::engine::{Completes, Completion, Engine};
+use crate::inflight::{chain_at, RegionSlot, Tracking};
 use crate::request::{parse, write_status, Limits, Parsed, Scratch};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::GuestAddress;
 
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 type State = VringState<GuestMemoryAtomic<GuestMemory>>;
@@ -92,6 +95,8 @@ pub struct QueueWorker {
     /// The epoll descriptor of this worker's thread when other queues share it: readable while
     /// any of their events (or ours) wait, which ends a poll or a busy stretch.
     thread_events: Option<RawFd>,
+    /// The requests in flight, as the frontend's in-flight region records them.
+    tracking: Tracking,
 }
 
 impl QueueWorker {
@@ -103,6 +108,7 @@ impl QueueWorker {
         limits: Arc<Limits>,
         poll_max: Duration,
         early_return: Option<EarlyReturn>,
+        inflight: RegionSlot,
     ) -> io::Result<Self> {
         Ok(Self {
             index,
@@ -118,6 +124,7 @@ impl QueueWorker {
             resume: EventFd::new(EFD_NONBLOCK)?,
             resume_armed: false,
             thread_events: None,
+            tracking: Tracking::new(inflight, index),
         })
     }
 
@@ -162,6 +169,8 @@ impl QueueWorker {
                 self.return_used(&mut state);
                 let popping = mem.filter(|_| !self.throttled && state.is_enabled());
                 if let Some(mem) = popping {
+                    // The first time the ring is served after it started.
+                    self.tracking.resume(&mut state, mem);
                     // Without EVENT_IDX this sets VRING_USED_F_NO_NOTIFY while we work through
                     // the ring and poll it; with it, avail_event stays behind (the guest
                     // doesn't kick) until `enable_notification` moves it.
@@ -272,6 +281,7 @@ impl QueueWorker {
         self.throttled = false;
         // A stopped queue's idle time says nothing about how soon requests come.
         self.guest_poll.cancel();
+        self.tracking.restart();
     }
 
     /// Device reset (RESET_DEVICE): wait for in-flight I/O, but don't touch the guest's memory
@@ -283,6 +293,7 @@ impl QueueWorker {
         self.throttled = false;
         self.vring = None;
         self.guest_poll.cancel();
+        self.tracking.restart();
     }
 
     /// Disconnect: a reset, and the connection's threads (with their epoll descriptors) are
@@ -295,6 +306,20 @@ impl QueueWorker {
     /// Pops and hands to the engine what the ring holds, until `early_return`'s share of inline
     /// work.
     fn pop_batch(&mut self, state: &mut State, mem: &Arc<GuestMemory>) -> Batch {
+        // What an earlier backend left in flight goes first, in the order it was taken.
+        let (table, size) = {
+            let q = state.get_queue();
+            (GuestAddress(q.desc_table()), q.size())
+        };
+        while let Some(&head) = self.tracking.resubmit.front() {
+            if !self.engine.has_room() {
+                self.throttled = true;
+                return Batch::Drained;
+            }
+            self.tracking.resubmit.pop_front();
+            let chain = chain_at(mem, table, size, head);
+            self.take(head, chain.into_iter(), mem);
+        }
         let mut chains = match state.get_queue_mut().iter(&**mem) {
             Ok(chains) => chains,
             // Kicked before the ring is set up, or after it was stopped.
@@ -319,41 +344,56 @@ impl QueueWorker {
                 return Batch::Drained;
             };
             let head = chain.head_index();
-            match parse(head, chain, mem, &self.limits, &mut self.scratch) {
-                Parsed::Io(request) => {
-                    let len = u64::from(request.data_len());
-                    if self.engine.submit(request, mem, &mut self.done) == Completes::Inline {
-                        inline_requests += 1;
-                        inline_bytes += len;
-                    }
+            self.tracking.begin(head);
+            if let Some(len) = self.take(head, chain, mem) {
+                inline_requests += 1;
+                inline_bytes += len;
+            }
+        }
+    }
+
+    /// Parses the chain at `head` and submits its request, or answers it at once; the
+    /// request's length if it completed inside its submission.
+    fn take(
+        &mut self,
+        head: u16,
+        chain: impl Iterator<Item = Descriptor>,
+        mem: &Arc<GuestMemory>,
+    ) -> Option<u64> {
+        match parse(head, chain, mem, &self.limits, &mut self.scratch) {
+            Parsed::Io(request) => {
+                let len = u64::from(request.data_len());
+                if self.engine.submit(request, mem, &mut self.done) == Completes::Inline {
+                    return Some(len);
                 }
-                Parsed::Done {
-                    head,
-                    status_addr,
-                    status,
-                    used_len,
-                    why,
-                } => {
-                    if let Some(why) = why {
-                        log_guest_error(
-                            &mut self.guest_errors,
-                            self.index,
-                            format_args!("request {head}: {why} (status {status})"),
-                        );
-                    }
-                    write_status(mem, status_addr, status);
-                    self.done.push(Completion { head, used_len });
-                }
-                Parsed::Drop { head, why } => {
+            }
+            Parsed::Done {
+                head,
+                status_addr,
+                status,
+                used_len,
+                why,
+            } => {
+                if let Some(why) = why {
                     log_guest_error(
                         &mut self.guest_errors,
                         self.index,
-                        format_args!("request {head} dropped: {why}"),
+                        format_args!("request {head}: {why} (status {status})"),
                     );
-                    self.done.push(Completion { head, used_len: 0 });
                 }
+                write_status(mem, status_addr, status);
+                self.done.push(Completion { head, used_len });
+            }
+            Parsed::Drop { head, why } => {
+                log_guest_error(
+                    &mut self.guest_errors,
+                    self.index,
+                    format_args!("request {head} dropped: {why}"),
+                );
+                self.done.push(Completion { head, used_len: 0 });
             }
         }
+        None
     }
 
     /// Puts finished requests in the used ring and notifies the guest once, if it wants to be.
@@ -362,6 +402,7 @@ impl QueueWorker {
             return;
         }
         for completion in self.done.drain(..) {
+            self.tracking.completing(completion.head);
             if let Err(e) = state.add_used(completion.head, completion.used_len) {
                 log_guest_error(
                     &mut self.guest_errors,
@@ -369,6 +410,8 @@ impl QueueWorker {
                     format_args!("cannot return request {}: {e}", completion.head),
                 );
             }
+            self.tracking
+                .completed(completion.head, state.get_queue().next_used());
         }
         // With EVENT_IDX this checks used_event against everything added since the last
         // check, so a batch costs at most one interrupt.

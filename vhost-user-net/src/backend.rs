@@ -156,11 +156,14 @@ impl Device for NetDevice {
 
     /// A frontend that keeps the control queue to itself (QEMU) picks the queue pairs in use
     /// by enabling their rings: the tap steers frames to those pairs' queues.
-    fn vring_enable_hook(&self) -> Option<cloister_backends::relay::VringEnableHook> {
+    fn relay_hooks(&self) -> cloister_backends::relay::RelayHooks {
         let shared = Arc::clone(&self.shared);
-        Some(Arc::new(move |index, enabled| {
-            shared.device.ring_enabled(index as usize, enabled)
-        }))
+        cloister_backends::relay::RelayHooks {
+            on_enable: Some(Arc::new(move |index, enabled| {
+                shared.device.ring_enabled(index as usize, enabled)
+            })),
+            inflight: None,
+        }
     }
 
     fn disconnect(&self, backend: &Self::Backend) {

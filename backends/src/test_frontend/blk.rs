@@ -1,10 +1,13 @@
 //! virtio-blk on top of the test frontend: config space, request layout, and a synchronous
 //! device for tests (one request at a time, waiting for each).
 
+use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use vhost::vhost_user::message::VhostUserInflight;
+use vhost::vhost_user::VhostUserFrontend;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -162,6 +165,27 @@ impl TestBlk {
 
     pub fn ram(&self) -> &Arc<GuestRam> {
         &self.ram
+    }
+
+    /// Hands the running rings to another backend at `socket`, as a frontend does when the
+    /// last one died: the same memory, the in-flight region `inflight` if given, and each
+    /// ring from `base`.
+    pub fn take_over(
+        &mut self,
+        socket: &Path,
+        wanted: u64,
+        inflight: Option<(&VhostUserInflight, RawFd)>,
+        base: u16,
+    ) -> Result<()> {
+        let mut connection = Connection::connect(socket, &self.ram, wanted, self.queues.len())?;
+        if let Some((info, fd)) = inflight {
+            connection.frontend().set_inflight_fd(info, fd)?;
+        }
+        for (index, queue) in self.queues.iter().enumerate() {
+            connection.start_queue_at(index, &self.ram, queue, base)?;
+        }
+        self.connection = connection;
+        Ok(())
     }
 
     pub fn connection(&mut self) -> &mut Connection {

@@ -77,7 +77,8 @@ impl Connection {
             protocol = offered_protocol
                 & (VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::REPLY_ACK);
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::INFLIGHT_SHMFD);
             frontend.set_protocol_features(protocol)?;
             if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 // Every later request waits for its ack, so a request the backend refuses
@@ -112,6 +113,18 @@ impl Connection {
 
     /// Hands `queue` to the backend as queue `index` and enables it.
     pub fn start_queue(&mut self, index: usize, ram: &GuestRam, queue: &SplitQueue) -> Result<()> {
+        self.start_queue_at(index, ram, queue, 0)
+    }
+
+    /// [`Connection::start_queue`] for a ring already in use: the backend reads the available
+    /// ring from `base`.
+    pub fn start_queue_at(
+        &mut self,
+        index: usize,
+        ram: &GuestRam,
+        queue: &SplitQueue,
+        base: u16,
+    ) -> Result<()> {
         let (desc, avail, used) = queue.addresses();
         let config = VringConfigData {
             queue_max_size: queue.size(),
@@ -124,7 +137,7 @@ impl Connection {
         };
         self.frontend.set_vring_num(index, queue.size())?;
         self.frontend.set_vring_addr(index, &config)?;
-        self.frontend.set_vring_base(index, 0)?;
+        self.frontend.set_vring_base(index, base)?;
         self.frontend.set_vring_call(index, &queue.call)?;
         self.frontend.set_vring_kick(index, &queue.kick)?;
         if self.negotiation.acked & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {

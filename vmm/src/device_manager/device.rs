@@ -92,7 +92,7 @@ impl Device {
     /// whose rings a new backend can take over.
     pub fn recoverable(&self) -> bool {
         matches!(self.spec.backend, Backend::Socket(_) | Backend::Managed(_))
-            && self.spec.kind.completes_in_order()
+            && self.spec.kind.recoverable()
             && self.plugged.as_ref().is_some_and(|p| p.control.is_some())
             && !self.failed
     }

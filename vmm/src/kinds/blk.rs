@@ -148,6 +148,13 @@ pub struct Blk {
 }
 
 impl DeviceKind for Blk {
+    /// A disk's backend completes out of order: with in-flight tracking (ours, and any with
+    /// INFLIGHT_SHMFD) a new one takes up exactly what was left; without it, it takes the ring
+    /// up from the used index, as QEMU does, which is exact only for requests one at a time.
+    fn recoverable(&self) -> bool {
+        true
+    }
+
     fn kind_name(&self) -> &'static str {
         "disk"
     }

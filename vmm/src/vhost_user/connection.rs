@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -270,6 +271,12 @@ pub struct VringSetup<'a> {
     pub call: &'a EventFd,
 }
 
+/// A backend's in-flight region (`GET_INFLIGHT_FD`), kept while the device runs.
+pub struct Inflight {
+    fd: OwnedFd,
+    info: VhostUserInflight,
+}
+
 pub struct Connection {
     frontend: Frontend,
     // Declared after `frontend` is irrelevant for drop order: `Drop` shuts the socket first.
@@ -343,11 +350,13 @@ impl Connection {
         }
         let offered = self.call("GET_PROTOCOL_FEATURES", |f| f.get_protocol_features())?;
         // CONFIG is the device kind's business: some take their config space from the
-        // backend, others (virtio-fs, rng) make it locally.
+        // backend, others (virtio-fs, rng) make it locally. INFLIGHT_SHMFD lets a backend that
+        // replaces this one take up what it left unfinished.
         let protocol = offered
             & (VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::REPLY_ACK);
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD);
         self.call("SET_PROTOCOL_FEATURES", |f| {
             f.set_protocol_features(protocol)
         })?;
@@ -506,6 +515,50 @@ impl Connection {
             return Ok(());
         }
         self.call("GET_FEATURES", |f| f.get_features()).map(|_| ())
+    }
+
+    /// GET_INFLIGHT_FD for `queues` rings of `queue_size`: the region in which the backend
+    /// records what it has in flight, for the frontend to keep. None if the backend does not
+    /// track (no INFLIGHT_SHMFD, or it answered with an empty region).
+    pub fn get_inflight(
+        &mut self,
+        queues: u16,
+        queue_size: u16,
+    ) -> Result<Option<Inflight>, ConnectionError> {
+        if !self.tracks_inflight() || queues == 0 || queue_size == 0 {
+            return Ok(None);
+        }
+        let asked = VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: queues,
+            queue_size,
+        };
+        let (info, file) = self.call("GET_INFLIGHT_FD", |f| f.get_inflight_fd(&asked))?;
+        if info.mmap_size == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Inflight {
+            fd: OwnedFd::from(file),
+            info: VhostUserInflight {
+                num_queues: queues,
+                queue_size,
+                ..info
+            },
+        }))
+    }
+
+    /// SET_INFLIGHT_FD: a new backend gets the region the last one recorded in.
+    pub fn set_inflight(&mut self, inflight: &Inflight) -> Result<(), ConnectionError> {
+        let fd = inflight.fd.as_raw_fd();
+        self.call("SET_INFLIGHT_FD", |f| f.set_inflight_fd(&inflight.info, fd))
+    }
+
+    /// Whether the backend records what it has in flight (INFLIGHT_SHMFD).
+    pub fn tracks_inflight(&self) -> bool {
+        self.negotiated
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     }
 
     /// GET_VRING_BASE: the backend stops the ring and says where it stopped.

@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use cloister_seccomp::ThreadRole;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::connection::{Connection, VringSetup};
+use super::connection::{Connection, Inflight, VringSetup};
 use crate::memory::GuestMemoryMmap;
 
 /// One ring to start: this process's addresses of its parts, and its eventfds.
@@ -96,20 +96,27 @@ pub struct Control {
 }
 
 impl Control {
-    /// Starts `name`'s control thread with the connection.
+    /// Starts `name`'s control thread with the connection. `in_order`: its backend returns
+    /// requests in the order it takes them (see [`DeviceKind::completes_in_order`]).
+    ///
+    /// [`DeviceKind::completes_in_order`]: super::kind::DeviceKind::completes_in_order
     pub fn start(
         name: &str,
         conn: Connection,
         memory: GuestMemoryMmap,
         failures: Arc<Failures>,
+        in_order: bool,
     ) -> std::io::Result<Self> {
         let socket = conn.socket_dup()?;
         let (tx, rx) = mpsc::channel();
         let owner = Owner {
+            name: name.to_string(),
             conn: Some(conn),
             memory,
             started: Vec::new(),
             active: None,
+            inflight: None,
+            in_order,
             awaiting: false,
             failures,
         };
@@ -225,6 +232,7 @@ impl Drop for Control {
 
 /// What the control thread owns.
 struct Owner {
+    name: String,
     /// `None` once the backend is gone, or out of step after a failed request.
     conn: Option<Connection>,
     memory: GuestMemoryMmap,
@@ -233,6 +241,10 @@ struct Owner {
     /// What the driver started the device with, until it resets it: replayed on a new
     /// connection.
     active: Option<Active>,
+    /// Where the backend records what it has in flight, while the driver runs the device:
+    /// handed to the next backend if this one dies.
+    inflight: Option<Inflight>,
+    in_order: bool,
     /// The backend is gone and a new one is being sought.
     awaiting: bool,
     failures: Arc<Failures>,
@@ -262,6 +274,8 @@ impl Owner {
                 Command::Stop { done } => {
                     self.active = None;
                     self.stop();
+                    // Nothing is in flight after a reset; the next start asks for a new one.
+                    self.inflight = None;
                     let _ = done.send(());
                 }
                 Command::Lost { coming_back } => {
@@ -294,9 +308,23 @@ impl Owner {
         };
         let started = &mut self.started;
         let memory = &self.memory;
+        let inflight = &mut self.inflight;
         let r = conn.operation("the device start", |conn| {
             conn.set_features(features)?;
             conn.set_mem_table(memory)?;
+            // A new backend for running rings gets what the last one recorded; otherwise the
+            // backend makes a new, empty region.
+            match inflight.as_ref() {
+                Some(kept) if matches!(base, Base::Used) && conn.tracks_inflight() => {
+                    conn.set_inflight(kept)?
+                }
+                _ => {
+                    let queues = rings.iter().map(|r| r.index + 1).max().unwrap_or(0);
+                    let size = rings.iter().map(|r| r.size).max().unwrap_or(0);
+                    *inflight =
+                        conn.get_inflight(u16::try_from(queues).unwrap_or(u16::MAX), size)?;
+                }
+            }
             for ring in rings {
                 conn.start_vring(&VringSetup {
                     index: ring.index,
@@ -344,6 +372,15 @@ impl Owner {
         let queues = conn.negotiated().queues;
         let needed = active.rings.iter().map(|r| r.index + 1).max().unwrap_or(0) as u64;
         self.conn = Some(conn);
+        if !self.in_order && self.inflight.is_none() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "cloister: {}: the backend does not track requests in flight: those the last one \
+                 had not finished are taken again from the used ring's index, and may be lost or \
+                 repeated",
+                self.name
+            );
+        }
         let checked = if missing != 0 {
             Err(format!(
                 "the new backend lacks features the driver uses ({missing:#x})"

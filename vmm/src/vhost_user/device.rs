@@ -81,8 +81,14 @@ impl VhostUserDevice {
         let queues = u16::try_from(queue_sizes.len()).unwrap_or(u16::MAX);
         kind.adjust_config(&mut config, queues);
         let features = backend_features | kind.local_features(local_config);
-        let control =
-            Control::start(name, conn, memory.clone(), failures).map_err(ConnectionError::Setup)?;
+        let control = Control::start(
+            name,
+            conn,
+            memory.clone(),
+            failures,
+            kind.completes_in_order(),
+        )
+        .map_err(ConnectionError::Setup)?;
         Ok(VhostUserDevice {
             name: name.to_string(),
             kind,

@@ -60,6 +60,12 @@ pub trait DeviceKind: Send + Sync {
     fn completes_in_order(&self) -> bool {
         false
     }
+    /// Whether a lost backend is replaced (started again, or connected to again) and takes the
+    /// running rings over, rather than the device failing. Right for kinds that complete in
+    /// order, and for those whose backends track what they have in flight.
+    fn recoverable(&self) -> bool {
+        self.completes_in_order()
+    }
 }
 
 /// Every device-specific feature bit (0-23), for kinds whose features we pass through as
