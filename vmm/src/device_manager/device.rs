@@ -41,12 +41,22 @@ pub struct Recovery {
 }
 
 impl Recovery {
-    /// The wait before attempt `n` (from 0): 100 ms, doubling to at most 2 s, so that a
-    /// backend restarted by its operator is found soon and one that stays away costs little.
+    /// The wait before attempt `n` (from 0): none for the first, then 100 ms, doubling to at
+    /// most 2 s, so that a backend restarted by its operator (or by us) is found soon and one
+    /// that stays away costs little.
     pub fn backoff(n: u32) -> Duration {
-        Duration::from_millis(100u64 << n.min(5)).min(Duration::from_secs(2))
+        match n {
+            0 => Duration::ZERO,
+            n => Duration::from_millis(100u64 << (n - 1).min(5)).min(Duration::from_secs(2)),
+        }
     }
 }
+
+/// A backend lost again within this long of coming back counts as the same crash loop (one
+/// that dies as it takes up what the last left, say).
+const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(1);
+/// Quick losses in a row taken back at once, before the waits start.
+const CRASH_LOOP_ALLOWANCE: u32 = 3;
 
 pub struct Device {
     /// Never reused while the VM runs, unlike ids: what the main loop's watches name.
@@ -68,6 +78,10 @@ pub struct Device {
     /// Backends lost, and found again, since the device was plugged.
     pub losses: u64,
     pub recoveries: u64,
+    /// When the backend last came back, and how many times in a row it was lost soon after:
+    /// a backend that dies as soon as it is up waits longer each time (never a busy loop).
+    pub last_recovered: Option<Instant>,
+    pub crash_streak: u32,
     /// Failures after the first: a guest resetting and restarting a broken device in a loop
     /// causes one each time, so only the first few are shown.
     pub later_failures: DriverLog,
@@ -100,16 +114,29 @@ impl Device {
     /// The backend is gone but another may come: the device waits for it (the guest sees
     /// nothing but a pause in its traffic); attempts start shortly.
     pub fn lose(&mut self, why: &str) {
-        self.losses += 1;
+        // Its socket's hang-up and its process's exit may both say so: one loss.
         if self.recovery.is_none() {
+            self.losses += 1;
             eprintln!(
                 "cloister: {}: {why}; waiting for the backend to come back",
                 self.label()
             );
+            let soon_after = self
+                .last_recovered
+                .is_some_and(|t| t.elapsed() < CRASH_LOOP_WINDOW);
+            self.crash_streak = if soon_after { self.crash_streak + 1 } else { 0 };
+            if self.crash_streak > 0 && self.crash_streak % 5 == 0 {
+                eprintln!(
+                    "cloister: {}: the backend was lost {} times in a row soon after it came back",
+                    self.label(),
+                    self.crash_streak + 1
+                );
+            }
+            let wait = self.crash_streak.saturating_sub(CRASH_LOOP_ALLOWANCE);
             self.recovery = Some(Recovery {
                 since: Instant::now(),
-                attempts: 0,
-                next: Some(Instant::now() + Recovery::backoff(0)),
+                attempts: wait,
+                next: Some(Instant::now() + Recovery::backoff(wait)),
             });
         }
         if let Some(c) = self.plugged.as_ref().and_then(|p| p.control.as_ref()) {
@@ -197,5 +224,19 @@ impl Device {
             // SAFETY: shutdown(2) on a socket descriptor we own; no memory involved.
             unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_attempt_is_at_once_and_the_waits_stay_bounded() {
+        assert_eq!(Recovery::backoff(0), Duration::ZERO);
+        assert_eq!(Recovery::backoff(1), Duration::from_millis(100));
+        assert_eq!(Recovery::backoff(2), Duration::from_millis(200));
+        assert_eq!(Recovery::backoff(6), Duration::from_secs(2));
+        assert_eq!(Recovery::backoff(u32::MAX), Duration::from_secs(2));
     }
 }

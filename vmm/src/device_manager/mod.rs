@@ -260,6 +260,8 @@ impl DeviceManager {
             recovery: None,
             losses: 0,
             recoveries: 0,
+            last_recovered: None,
+            crash_streak: 0,
             later_failures: DriverLog::new(&id_for_log),
         };
         if let Backend::Managed(profile) = &device.spec.backend {
@@ -587,6 +589,7 @@ impl DeviceManager {
         if let Some(d) = self.devices.iter_mut().find(|d| d.serial == serial) {
             if let Some(r) = d.recovery.take() {
                 d.recoveries += 1;
+                d.last_recovered = Some(Instant::now());
                 eprintln!(
                     "cloister: {}: backend back after {} ms (recovery {} of {})",
                     d.label(),
