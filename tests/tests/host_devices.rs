@@ -7,86 +7,12 @@
 //! Skipped when `/dev/kvm` is missing and `CLOISTER_SKIP_KVM=1`, or when vhost-user-blk has not
 //! been built next to cloister (`cargo build --workspace`).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use harness::host::{backend_bin, fresh_dir, image, ready};
-use harness::payload::{self, Payload};
-
-/// cloister running the halting payload with `args`, its stderr read line by line.
-struct Vm {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Vm {
-    fn start(runtime: &Path, args: &[String], hook: &str) -> Vm {
-        let kernel = payload::write(Payload::Hang, &payload::scratch_dir()).expect("payload");
-        let mut child = Command::new(payload::cloister_bin())
-            .arg("--kernel")
-            .arg(&kernel)
-            .arg("--serial")
-            .arg("off")
-            .args(args)
-            .env("XDG_RUNTIME_DIR", runtime)
-            .env("CLOISTER_TEST_HOTPLUG", hook)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run cloister");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Vm {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The first stderr line containing `needle`, waiting up to `timeout`.
-    fn wait_line(&mut self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        let _ = self.child.kill();
-        panic!(
-            "no '{needle}' on cloister's stderr within {timeout:?}; it said:\n{}",
-            self.seen.join("\n")
-        );
-    }
-
-    /// SIGTERM; the exit code (128 + 15 expected), or what cloister said if it died.
-    fn stop(mut self) -> Result<i32, String> {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let status = payload::wait_or_kill(&mut self.child, Duration::from_secs(30));
-        self.seen.extend(self.lines.try_iter());
-        status
-            .and_then(|s| s.code())
-            .ok_or_else(|| format!("{status:?}; it said:\n{}", self.seen.join("\n")))
-    }
-}
+use harness::host::{backend_bin, fresh_dir, image, process_named, ready, status_field, Vm};
+use harness::payload;
 
 /// "name A -> B" pairs of the hook's report.
 fn before_after(line: &str) -> Vec<(String, u64, u64)> {
@@ -225,19 +151,6 @@ fn a_device_that_cannot_be_added_is_refused_and_changes_nothing() {
 }
 
 /// The process named `name` whose command line mentions `needle`.
-fn process_named(name: &str, needle: &str) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            (comm.trim() == name && String::from_utf8_lossy(&cmdline).contains(needle))
-                .then_some(pid)
-        })
-}
-
 #[test]
 fn backends_do_not_outlive_a_killed_vmm() {
     if !ready("backends_do_not_outlive_a_killed_vmm") {
@@ -302,17 +215,6 @@ fn link_exists(name: &str) -> bool {
         .unwrap_or_default()
         .lines()
         .any(|l| l.trim_start().starts_with(&format!("{name}:")))
-}
-
-fn status_field(pid: u32, key: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!("{key}:"))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_default()
 }
 
 #[test]

@@ -124,24 +124,65 @@ fn scenarios() -> Vec<Scenario> {
         scenario(
             "backend-killed",
             r#"
-            vm_net "$RESULTS_DIR/vm.log" guest "cloister.nets=10.14.0.2/24@10.14.0.1 cloister.hold=600" \
-                --net "tap=ctap4,ip=10.14.0.1,mask=255.255.255.0"
-            if wait_guest "$RESULTS_DIR/guest.console" "CLOISTER-NET holding" 1200; then
-                mark guest.holding yes
+            # The managed backend is killed three times: while the guest downloads 100 MiB,
+            # while the host downloads the guest's 100 MiB, and under a ping flood. Each time
+            # cloister starts it again (the tap made again with its name and address) and the
+            # traffic goes on: both checksums match and the pings resume.
+            mkdir -p /tmp/www
+            dd if=/dev/urandom of=/tmp/www/big bs=1M count=100 2>/dev/null
+            mark host.big "$(sha256sum </tmp/www/big | cut -d' ' -f1)"
+            INITRAMFS="$GUEST_DIR/initramfs-tools.cpio"
+            vm_net "$RESULTS_DIR/vm.log" guest "cloister.nets=10.14.0.2/24@10.14.0.1 cloister.big=1 cloister.hold=30" \
+                --memory size=1G --net "tap=ctap4,ip=10.14.0.1,mask=255.255.255.0"
+            wait_link ctap4 10.14.0.1
+            busybox httpd -f -p 10.14.0.1:8080 -h /tmp/www &
+            httpd=$!
+            kills=0
+            # kill_backend: SIGKILL the NIC's backend, then until cloister has it back.
+            kill_backend() {
+                backend=$(pidof vhost-user-net) || return 1
+                kill -KILL $backend
+                kills=$((kills + 1))
+                j=0
+                while [ "$(grep -c 'backend back after' "$RESULTS_DIR/vm.log")" -lt "$kills" ]                     && [ "$j" -lt 300 ]; do
+                    sleep 0.1; j=$((j + 1))
+                done
+                again=$(pidof vhost-user-net)
+                [ -n "$again" ] && [ "$again" != "$backend" ]
+            }
+            if wait_guest "$RESULTS_DIR/guest.console" "CLOISTER-NET-1 " 1200; then
+                mark guest.up yes
+                sleep 1
+                kill_backend && mark respawned.download yes
             fi
-            backend=$(pidof vhost-user-net)
-            mark backend.found "${backend:+yes}"
-            kill -KILL $backend
-            wait_for "$RESULTS_DIR/vm.log" "backend exited" 300 && mark reported yes
-            # Started again with the tap made again (same name and address): the guest answers.
-            wait_for "$RESULTS_DIR/vm.log" "backend back after" 300 && mark back yes
-            again=$(pidof vhost-user-net)
-            [ -n "$again" ] && [ "$again" != "$backend" ] && mark respawned yes
-            for _ in 1 2 3 4 5; do
-                ping -c 1 -W 2 10.14.0.2 >/dev/null 2>&1 && { mark pings.after yes; break; }
-            done
+            if wait_guest "$RESULTS_DIR/guest.console" "CLOISTER-NET serving" 3000; then
+                wget -q -O "$RESULTS_DIR/from-guest" http://10.14.0.2:8080/big &
+                fetch=$!
+                sleep 1
+                kill_backend && mark respawned.upload yes
+                wait "$fetch"
+                mark guest.big "$(sha256sum <"$RESULTS_DIR/from-guest" | cut -d' ' -f1)"
+                rm -f "$RESULTS_DIR/from-guest"
+                touch /tmp/www/fetched
+            fi
+            if wait_guest "$RESULTS_DIR/guest.console" "CLOISTER-NET holding" 1200; then
+                ping -f -c 3000 10.14.0.2 >"$RESULTS_DIR/flood.log" 2>&1 &
+                flood=$!
+                sleep 1
+                kill_backend && mark respawned.flood yes
+                wait "$flood"
+                tail -n 3 "$RESULTS_DIR/flood.log"
+                # After the flood: the guest answers again.
+                for _ in 1 2 3 4 5; do
+                    ping -c 1 -W 2 10.14.0.2 >/dev/null 2>&1 && { mark pings.after yes; break; }
+                done
+            fi
+            mark kills "$kills"
+            mark reported "$(grep -c 'backend exited with signal 9' "$RESULTS_DIR/vm.log")"
             running "$vm" && mark vm.alive yes
-            stop_vm
+            wait_vm_exit 1200
+            kill "$httpd" 2>/dev/null
+            rm -rf /tmp/www
             show vm.log guest.console
             "#,
         ),
@@ -200,6 +241,38 @@ fn scenarios() -> Vec<Scenario> {
             wait "$op"
             mark op.rc $?
             show vm.log rs.console rs.log
+            "#,
+        ),
+        scenario(
+            "server-mode-restarted",
+            r#"
+            # Server mode: cloister listens, our backend connects (--client). It dies under a
+            # running guest and is started again: cloister listens again on the same path and
+            # takes the new connection.
+            start_op() {
+                "$BIN_DIR/vhost-user-net" --client --socket "$RESULTS_DIR/sv.sock" --tap ctap9 \
+                    --ip 10.19.0.1 --mask 255.255.255.0 --host-mac 02:19:00:00:00:01 \
+                    >>"$RESULTS_DIR/sv.log" 2>&1 &
+                op=$!
+            }
+            start_op
+            vm_net "$RESULTS_DIR/vm.log" sv "cloister.nets=10.19.0.2/24@10.19.0.1 cloister.hold=40" \
+                --net "socket=$RESULTS_DIR/sv.sock,vhost_mode=server"
+            if wait_guest "$RESULTS_DIR/sv.console" "CLOISTER-NET holding" 1200; then
+                mark guest.holding yes
+            fi
+            sleep 3
+            kill -KILL "$op"
+            wait "$op"
+            wait_for "$RESULTS_DIR/vm.log" "waiting for the backend to come back" 100 && mark lost yes
+            sleep 1
+            start_op
+            wait_for "$RESULTS_DIR/vm.log" "backend back after" 300 && mark back yes
+            wait_vm_exit 3000
+            kill -TERM "$op"
+            wait "$op"
+            mark op.rc $?
+            show vm.log sv.console sv.log
             "#,
         ),
         scenario(
@@ -342,18 +415,34 @@ fn two_guests_on_a_bridge_reach_each_other() {
 #[test]
 fn a_killed_managed_backend_is_started_again_and_the_guest_goes_on() {
     LAB.check("backend-killed", |o| {
-        o.expect_mark("guest.holding", "yes")
-            .expect_mark("backend.found", "yes")
-            .expect_mark("reported", "yes")
-            .expect_mark("back", "yes")
-            .expect_mark("respawned", "yes")
+        o.expect_mark("guest.up", "yes")
+            .expect_mark("respawned.download", "yes")
+            .expect_mark("respawned.upload", "yes")
+            .expect_mark("respawned.flood", "yes")
+            .expect_mark("kills", "3")
+            .expect_mark("reported", "3")
             .expect_mark("pings.after", "yes")
             .expect_mark("vm.alive", "yes")
-            .expect_mark("vm.rc", "143")
+            .expect_mark("vm.rc", "0")
+            .expect_console("CLOISTER-GUEST-RESULT test=netcheck rc=0")
             .expect_console(
                 "backend exited with signal 9 (SIGKILL); waiting for the backend to come back",
             )
             .expect_no_console("panicked");
+        // Both transfers went through the restarts whole.
+        let host_big = o.mark("host.big").unwrap_or("none");
+        expect_field(o, "CLOISTER-NET fetched", "fetched", host_big);
+        let served = field(o, "CLOISTER-NET served", "served");
+        if o.mark("guest.big") != Some(served) {
+            o.fail(&format!(
+                "the host fetched {:?} from the guest, which served {served}",
+                o.mark("guest.big")
+            ));
+        }
+        let held: u64 = field(o, "CLOISTER-NET held", "held").parse().unwrap_or(0);
+        if held < 20 {
+            o.fail(&format!("{held} of 30 pings answered after the restarts"));
+        }
     });
 }
 
@@ -368,6 +457,23 @@ fn an_operator_backend_restarted_under_a_running_guest_is_taken_back() {
             .expect_console("CLOISTER-GUEST-RESULT test=netcheck rc=0")
             .expect_no_console("panicked");
         // 40 pings a second apart, a few seconds of them while the backend was away.
+        let held: u64 = field(o, "CLOISTER-NET held", "held").parse().unwrap_or(0);
+        if held < 25 {
+            o.fail(&format!("{held} of 40 pings answered around the restart"));
+        }
+    });
+}
+
+#[test]
+fn a_backend_in_server_mode_restarted_under_a_running_guest_is_taken_back() {
+    LAB.check("server-mode-restarted", |o| {
+        o.expect_mark("guest.holding", "yes")
+            .expect_mark("lost", "yes")
+            .expect_mark("back", "yes")
+            .expect_mark("vm.rc", "0")
+            .expect_mark("op.rc", "0")
+            .expect_console("CLOISTER-GUEST-RESULT test=netcheck rc=0")
+            .expect_no_console("panicked");
         let held: u64 = field(o, "CLOISTER-NET held", "held").parse().unwrap_or(0);
         if held < 25 {
             o.fail(&format!("{held} of 40 pings answered around the restart"));

@@ -153,7 +153,8 @@ impl Vm {
         // Forked while this process is one thread and holds no guest memory or KVM.
         let spawner = Spawner::start(crate::kinds::BACKEND_PROGRAMS)
             .map_err(|e| VmError::Io("start the spawner process", e))?;
-        let mut devices = DeviceManager::new(&cfg.devices, spawner).map_err(VmError::from)?;
+        let mut devices = DeviceManager::new(&cfg.devices, spawner, cfg.backend_restarts)
+            .map_err(VmError::from)?;
         let vm_fd = Arc::new(
             kvm.create_vm()
                 .map_err(|e| VmError::Kvm("create the VM", e))?,

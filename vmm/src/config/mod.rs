@@ -127,6 +127,12 @@ pub struct Cli {
     /// privileges apply in every mode.
     #[arg(long, value_enum, value_name = "true|log|false", default_value_t = SeccompMode::True)]
     pub seccomp: SeccompMode,
+
+    /// How many times in a row a disk's or a NIC's backend may be lost within 1 s of coming
+    /// back (a crash loop) before cloister gives up on it and marks its device as needing a
+    /// reset; 0: never. (Not in Cloud Hypervisor, which gives up on a lost backend at once.)
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub backend_restarts: u32,
 }
 
 /// A user error: names the option and the value, and says what is wrong.
@@ -219,6 +225,8 @@ pub struct VmConfig {
     /// generic devices).
     pub devices: Vec<DeviceSpec>,
     pub seccomp: SeccompMode,
+    /// `--backend-restarts`.
+    pub backend_restarts: u32,
 }
 
 /// PCI bus 0 has 31 free slots (the host bridge is 00.0).
@@ -255,6 +263,7 @@ impl VmConfig {
             serial,
             devices,
             seccomp: cli.seccomp,
+            backend_restarts: cli.backend_restarts,
         })
     }
 

@@ -11,6 +11,7 @@ use super::placement::Bar;
 use crate::kinds::{Arg, Backend, DeviceSpec};
 use crate::layout::VirtioMmioSlot;
 use crate::supervisor::{self, SpawnedProcess};
+use crate::vhost_user::connection::BackendListener;
 use crate::vhost_user::control::{ControlHandle, Failures};
 use crate::virtio::driver_log::DriverLog;
 use crate::virtio::VirtioTransport;
@@ -38,6 +39,9 @@ pub struct Recovery {
     pub attempts: u32,
     /// When the next attempt is due; None while one is under way.
     pub next: Option<Instant>,
+    /// In server mode (`vhost_mode=server`), where the new backend connects, for as long as
+    /// it is sought.
+    pub listener: Option<Arc<BackendListener>>,
 }
 
 impl Recovery {
@@ -102,29 +106,41 @@ impl Device {
     }
 
     /// Whether a lost backend is sought again rather than the device failed: an operator's
-    /// backend (`socket=`, connected to again) or a managed one (started again), of a kind
-    /// whose rings a new backend can take over.
+    /// backend (`socket=`, connected to again, or, in server mode, waited for again) or a
+    /// managed one (started again), of a kind whose rings a new backend can take over.
     pub fn recoverable(&self) -> bool {
-        matches!(self.spec.backend, Backend::Socket(_) | Backend::Managed(_))
-            && self.spec.kind.recoverable()
+        matches!(
+            self.spec.backend,
+            Backend::Socket(_) | Backend::Listen(_) | Backend::Managed(_)
+        ) && self.spec.kind.recoverable()
             && self.plugged.as_ref().is_some_and(|p| p.control.is_some())
             && !self.failed
     }
 
     /// The backend is gone but another may come: the device waits for it (the guest sees
     /// nothing but a pause in its traffic); attempts start shortly.
-    pub fn lose(&mut self, why: &str) {
+    /// `crash_limit`: a backend lost within 1 s of coming back that many times in a row is
+    /// given up (0: never).
+    pub fn lose(&mut self, why: &str, crash_limit: u32) {
         // Its socket's hang-up and its process's exit may both say so: one loss.
         if self.recovery.is_none() {
             self.losses += 1;
-            eprintln!(
-                "cloister: {}: {why}; waiting for the backend to come back",
-                self.label()
-            );
             let soon_after = self
                 .last_recovered
                 .is_some_and(|t| t.elapsed() < CRASH_LOOP_WINDOW);
             self.crash_streak = if soon_after { self.crash_streak + 1 } else { 0 };
+            if crash_limit != 0 && self.crash_streak >= crash_limit {
+                self.fail(&format!(
+                    "{why}; given up: lost {} times in a row within 1 s of coming back \
+                     (--backend-restarts {crash_limit})",
+                    self.crash_streak + 1
+                ));
+                return;
+            }
+            eprintln!(
+                "cloister: {}: {why}; waiting for the backend to come back",
+                self.label()
+            );
             if self.crash_streak > 0 && self.crash_streak % 5 == 0 {
                 eprintln!(
                     "cloister: {}: the backend was lost {} times in a row soon after it came back",
@@ -137,6 +153,7 @@ impl Device {
                 since: Instant::now(),
                 attempts: wait,
                 next: Some(Instant::now() + Recovery::backoff(wait)),
+                listener: None,
             });
         }
         if let Some(c) = self.plugged.as_ref().and_then(|p| p.control.as_ref()) {

@@ -158,33 +158,43 @@ fn recover(manager: &Mutex<DeviceManager>, serial: u64) {
     } else {
         RECOVERY_CONNECT_WAIT
     };
-    let attempt = connection::connect(&target.socket, wait, &mut || {
-        lock(manager).backend_alive(serial)
-    })
-    .map_err(|e| (crate::error_chain(&e), false))
-    .and_then(|stream| {
-        Connection::new(stream, &target.id, target.queues).map_err(|e| {
-            // A backend that answers but is not what the device needs is refused; one
-            // that does not answer (yet) is tried again.
-            let refused = matches!(
-                e,
-                ConnectionError::NoVersion1
-                    | ConnectionError::NoProtocolFeatures
-                    | ConnectionError::MissingProtocolFeature(_)
-                    | ConnectionError::BadQueueCount(_)
-                    | ConnectionError::TooFewQueues { .. }
-            );
-            (crate::error_chain(&e), refused)
+    let stream = if let Some(listener) = &target.listener {
+        listener
+            .accept_within(RECOVERY_CONNECT_WAIT)
+            .map_err(|e| (crate::error_chain(&e), false))
+            .and_then(|s| s.ok_or_else(|| ("no backend has connected yet".to_string(), false)))
+    } else if target.server_mode {
+        Err(("cannot listen for the backend".to_string(), false))
+    } else {
+        connection::connect(&target.socket, wait, &mut || {
+            lock(manager).backend_alive(serial)
         })
-    })
-    .and_then(|conn| {
-        let socket = conn.socket_dup().map_err(|e| (e.to_string(), false))?;
-        target
-            .control
-            .reconnect(conn)
-            .map(|()| socket)
-            .map_err(|e| (e, true))
-    });
+        .map_err(|e| (crate::error_chain(&e), false))
+    };
+    let attempt = stream
+        .and_then(|stream| {
+            Connection::new(stream, &target.id, target.queues).map_err(|e| {
+                // A backend that answers but is not what the device needs is refused; one
+                // that does not answer (yet) is tried again.
+                let refused = matches!(
+                    e,
+                    ConnectionError::NoVersion1
+                        | ConnectionError::NoProtocolFeatures
+                        | ConnectionError::MissingProtocolFeature(_)
+                        | ConnectionError::BadQueueCount(_)
+                        | ConnectionError::TooFewQueues { .. }
+                );
+                (crate::error_chain(&e), refused)
+            })
+        })
+        .and_then(|conn| {
+            let socket = conn.socket_dup().map_err(|e| (e.to_string(), false))?;
+            target
+                .control
+                .reconnect(conn)
+                .map(|()| socket)
+                .map_err(|e| (e, true))
+        });
     let mut m = lock(manager);
     match attempt {
         Ok(socket) => m.recovered(serial, socket),

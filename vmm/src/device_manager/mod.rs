@@ -33,7 +33,7 @@ use crate::kinds::{Backend, DeviceSpec};
 use crate::layout::VirtioMmioSlot;
 use crate::memory::GuestMemoryMmap;
 use crate::supervisor::{self, ProcessError, RuntimeDir, SpawnedProcess, Spawner};
-use crate::vhost_user::connection::ConnectionError;
+use crate::vhost_user::connection::{BackendListener, ConnectionError};
 use crate::vhost_user::control::ControlHandle;
 use crate::virtio::driver_log::DriverLog;
 use crate::virtio::mmio_transport::MmioTransportError;
@@ -162,6 +162,8 @@ pub struct DeviceInfo {
 
 pub struct DeviceManager {
     devices: Vec<Device>,
+    /// `--backend-restarts`: quick losses in a row after which a backend is given up.
+    crash_limit: u32,
     /// Starts managed backends (a process of its own: see [`supervisor::spawner`]); gone once
     /// the VM stops.
     spawner: Option<Arc<Spawner>>,
@@ -183,8 +185,14 @@ impl DeviceManager {
     /// Names every device and starts the backend of every managed one. Ids were checked for
     /// duplicates with the options. The runtime directory is made now, whatever the devices:
     /// once the sandbox is up, none can be made for a managed device added later.
-    pub fn new(specs: &[DeviceSpec], spawner: Arc<Spawner>) -> Result<Self, DeviceManagerError> {
+    /// `crash_limit`: quick losses in a row after which a backend is given up (0: never).
+    pub fn new(
+        specs: &[DeviceSpec],
+        spawner: Arc<Spawner>,
+        crash_limit: u32,
+    ) -> Result<Self, DeviceManagerError> {
         let mut manager = DeviceManager {
+            crash_limit,
             devices: Vec::with_capacity(specs.len()),
             spawner: Some(spawner),
             next_default: 0,
@@ -464,7 +472,7 @@ impl DeviceManager {
                     }
                     None => "backend disconnected".to_string(),
                 };
-                d.lose(&what);
+                d.lose(&what, self.crash_limit);
             }
             Watch::Process(_) if d.recoverable() => {
                 d.process_watched = false;
@@ -473,7 +481,7 @@ impl DeviceManager {
                     Some(s) => format!("backend exited with {}", supervisor::describe(s)),
                     None => "backend exited".to_string(),
                 };
-                d.lose(&what);
+                d.lose(&what, self.crash_limit);
             }
             Watch::Socket(_) => {
                 // Poll reports a hang-up until the descriptor goes: stop watching it.
@@ -529,13 +537,35 @@ impl DeviceManager {
 
     /// Where device `serial`'s backend is sought: its socket, label and queue count, and its
     /// control thread; None if it is not being sought.
-    pub fn recovery_target(&self, serial: u64) -> Option<RecoveryTarget> {
-        let d = self.devices.iter().find(|d| d.serial == serial)?;
-        d.recovery.as_ref()?;
+    pub fn recovery_target(&mut self, serial: u64) -> Option<RecoveryTarget> {
+        let d = self.devices.iter_mut().find(|d| d.serial == serial)?;
         let control = d.plugged.as_ref()?.control.clone()?;
         let required = d.spec.kind.required_queues(d.spec.queue_sizes.len());
+        let server_mode = matches!(d.spec.backend, Backend::Listen(_));
+        let label = d.label();
+        let recovery = d.recovery.as_mut()?;
+        // Listening from the first attempt until the backend is back.
+        let listener = match (&recovery.listener, server_mode) {
+            (Some(l), _) => Some(Arc::clone(l)),
+            (None, true) => match BackendListener::bind(&d.socket_path) {
+                Ok(l) => {
+                    let l = Arc::new(l);
+                    recovery.listener = Some(Arc::clone(&l));
+                    Some(l)
+                }
+                Err(e) => {
+                    if recovery.attempts <= 1 {
+                        eprintln!("cloister: {label}: {}", crate::error_chain(&e));
+                    }
+                    None
+                }
+            },
+            (None, false) => None,
+        };
         Some(RecoveryTarget {
             managed: matches!(d.spec.backend, Backend::Managed(_)),
+            server_mode,
+            listener,
             socket: d.socket_path.clone(),
             id: d.id.clone(),
             queues: u16::try_from(required).unwrap_or(u16::MAX),
@@ -654,6 +684,10 @@ impl DeviceManager {
 pub struct RecoveryTarget {
     /// Started by us: started again if its process is gone.
     pub managed: bool,
+    /// Server mode: we listen and the backend connects.
+    pub server_mode: bool,
+    /// In server mode: where the backend connects (None: it could not be made; tried again).
+    pub listener: Option<Arc<BackendListener>>,
     pub socket: PathBuf,
     pub id: String,
     pub queues: u16,

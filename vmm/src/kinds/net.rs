@@ -190,7 +190,12 @@ pub fn parse(value: &str, seccomp: SeccompMode) -> Result<DeviceSpec, OptionErro
                         .into(),
                 ));
             }
-            managed(&o, pairs, guest_mac, seccomp)?
+            // The tap's own address is stable too: a tap made again for a backend started
+            // again keeps it, so the guest's ARP entry for the host stays good.
+            let host_mac = o
+                .host_mac
+                .unwrap_or_else(|| MacAddr::local_from(format!("{seed}/host").as_bytes()));
+            managed(&o, pairs, guest_mac, host_mac, seccomp)?
         }
     };
     let mut masked = 0;
@@ -306,6 +311,7 @@ fn managed(
     o: &NetKeys,
     pairs: u16,
     guest_mac: MacAddr,
+    host_mac: MacAddr,
     seccomp: SeccompMode,
 ) -> Result<Backend, OptionError> {
     let tap = o.tap.clone().unwrap_or_default();
@@ -336,7 +342,7 @@ fn managed(
             interface: InterfaceConfig {
                 ip: o.ip,
                 mask: o.mask,
-                mac: o.host_mac,
+                mac: Some(host_mac),
                 mtu: o.mtu,
             },
         }),
@@ -583,6 +589,15 @@ mod tests {
         assert_ne!(ma, mb, "two NICs, two addresses");
         let first: u8 = u8::from_str_radix(&ma[..2], 16).unwrap();
         assert_eq!(first & 3, 2, "{ma}: locally administered, unicast");
+        // The tap's side has one too, which a tap made again keeps; a given one is kept.
+        let host = |d: &DeviceSpec| profile(d).tap.as_ref().unwrap().interface.mac.unwrap();
+        let h = host(&a).to_string();
+        assert_ne!(h, ma);
+        assert_eq!(u8::from_str_radix(&h[..2], 16).unwrap() & 3, 2, "{h}");
+        assert_eq!(
+            host(&spec("tap=c,host_mac=02:00:00:00:01:07")).to_string(),
+            "02:00:00:00:01:07"
+        );
     }
 
     #[test]

@@ -143,30 +143,58 @@ pub fn connect(
 /// waiting at most `timeout`. A stale socket file there is replaced (anything else is not),
 /// and the file is removed once the backend is connected, or given up on.
 pub fn accept(path: &Path, timeout: Duration) -> Result<UnixStream, ConnectionError> {
-    let listen_error = |e| ConnectionError::Listen(path.to_path_buf(), e);
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if !meta.file_type().is_socket() {
-            return Err(listen_error(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "a file that is not a socket is in the way",
-            )));
+    BackendListener::bind(path)?
+        .accept_within(timeout)?
+        .ok_or_else(|| ConnectionError::AcceptTimeout {
+            path: path.to_path_buf(),
+            timeout,
+        })
+}
+
+/// A socket where we wait for a backend to connect (its client mode), for as long as it
+/// lives: a backend that connects between two looks waits in the backlog. The file goes with
+/// it.
+pub struct BackendListener {
+    listener: std::os::unix::net::UnixListener,
+    path: PathBuf,
+}
+
+impl BackendListener {
+    /// Listens on `path`; a stale socket file there is replaced (anything else is not).
+    pub fn bind(path: &Path) -> Result<Self, ConnectionError> {
+        let listen_error = |e| ConnectionError::Listen(path.to_path_buf(), e);
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(listen_error(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way",
+                )));
+            }
+            std::fs::remove_file(path).map_err(listen_error)?;
         }
-        std::fs::remove_file(path).map_err(listen_error)?;
+        let listener = std::os::unix::net::UnixListener::bind(path).map_err(listen_error)?;
+        Ok(Self {
+            listener,
+            path: path.to_path_buf(),
+        })
     }
-    let listener = std::os::unix::net::UnixListener::bind(path).map_err(listen_error)?;
-    let accepted = wait_accept(&listener, timeout)
-        .map_err(listen_error)
-        .and_then(|stream| {
-            stream.ok_or_else(|| ConnectionError::AcceptTimeout {
-                path: path.to_path_buf(),
-                timeout,
-            })
-        });
-    let _ = std::fs::remove_file(path);
-    let stream = accepted?;
-    stream.set_nonblocking(false).map_err(listen_error)?;
-    Ok(stream)
+
+    /// The next backend to connect, waiting at most `timeout`; None if none did.
+    pub fn accept_within(&self, timeout: Duration) -> Result<Option<UnixStream>, ConnectionError> {
+        let listen_error = |e| ConnectionError::Listen(self.path.clone(), e);
+        let Some(stream) = wait_accept(&self.listener, timeout).map_err(listen_error)? else {
+            return Ok(None);
+        };
+        stream.set_nonblocking(false).map_err(listen_error)?;
+        Ok(Some(stream))
+    }
+}
+
+impl Drop for BackendListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 fn wait_accept(
