@@ -124,6 +124,12 @@ impl Rules {
         self.with(path, AccessFs::ResolveUnix.into())
     }
 
+    /// Make a unix socket in `dir` and remove files there: a server-mode device's socket,
+    /// listened on again for a restarted backend.
+    pub fn listen_unix(self, dir: &Path) -> Self {
+        self.with(dir, AccessFs::MakeSock | AccessFs::RemoveFile)
+    }
+
     /// The paths and their access, for messages and tests.
     pub fn paths(&self) -> impl Iterator<Item = (&Path, BitFlags<AccessFs>)> {
         self.paths.iter().map(|(p, a)| (p.as_path(), *a))

@@ -106,6 +106,7 @@ impl ThreadRole {
                 base(),
                 spawns_threads(),
                 vmm_hotplug(),
+                vmm_server_mode(),
                 vmm_watchdog(),
                 vmm_device_control(),
             ],
@@ -428,6 +429,27 @@ fn vmm_hotplug() -> Vec<Rule> {
         allow_values(SYS_ioctl, 1, &[kvm::ioeventfd(), kvm::irqfd(), kvm::set_gsi_routing()], "a removed device's notifications and interrupts are unwired from KVM"),
         allow(SYS_unlink, "removes a removed managed backend's socket file (Landlock: the runtime directory only)"),
         allow(SYS_unlinkat, "unlink on libcs that implement it with unlinkat"),
+    ]
+}
+
+/// Server mode (`vhost_mode=server`): the hot-plug thread listens again on the path of a
+/// device whose backend was lost, for the backend started again to connect.
+fn vmm_server_mode() -> Vec<Rule> {
+    use libc::*;
+    vec![
+        allow(
+            SYS_bind,
+            "listens again on a server-mode device's socket path (Landlock: its directory only)",
+        ),
+        allow(SYS_listen, "the same socket"),
+        allow(SYS_accept4, "takes the restarted backend's connection"),
+        allow(SYS_poll, "waits a moment for that connection"),
+        allow(SYS_ppoll, "poll on libcs that implement it with ppoll"),
+        allow(
+            SYS_statx,
+            "checks that what is in the way at the path is a stale socket before replacing it",
+        ),
+        allow(SYS_newfstatat, "the same, where std falls back to fstatat"),
     ]
 }
 

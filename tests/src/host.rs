@@ -148,3 +148,18 @@ pub fn status_field(pid: u32, key: &str) -> String {
         })
         .unwrap_or_default()
 }
+
+/// Moves the calling thread, and so the cloister it starts (and its spawner and backends),
+/// into a network namespace of its own, where the taps it makes are its alone; or says loudly
+/// why `test` is skipped.
+pub fn own_network_namespace(test: &str) -> bool {
+    // SAFETY: unshare(2) with a constant flag; affects only the calling thread.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        eprintln!(
+            "SKIP {test}: cannot make a network namespace ({})",
+            std::io::Error::last_os_error()
+        );
+        return false;
+    }
+    true
+}

@@ -139,6 +139,34 @@ fn scenarios() -> Vec<Scenario> {
             r#"restart_loop 3"#,
             r#"kill -TERM "$op"; wait "$op"; mark op.rc $?"#,
         ),
+        Scenario::new(
+            "recover-refused",
+            &format!(
+                r#"{PRELUDE}
+                # An operator's disk backend dies and a network backend comes up on its socket:
+                # cloister refuses it (it lacks the features the guest's disk driver uses), the
+                # disk stays down, and the VM runs on and stops normally.
+                a=$(image a.img)
+                "$BIN_DIR/vhost-user-blk" --socket "$RESULTS_DIR/op.sock" --image "$a" &
+                op=$!
+                wait_socket "$RESULTS_DIR/op.sock"
+                cloister_bg "$RESULTS_DIR/vm.log" blkloop --disk "socket=$RESULTS_DIR/op.sock"
+                wait_for "$RESULTS_DIR/console.log" "CLOISTER-BLK-LOOP pass=2" 1200 && mark loop.running yes
+                kill -KILL "$op"; wait "$op" 2>/dev/null
+                rm -f "$RESULTS_DIR/op.sock"
+                "$BIN_DIR/vhost-user-net" --socket "$RESULTS_DIR/op.sock" --tap ctapz &
+                net=$!
+                wait_for "$RESULTS_DIR/vm.log" "refused" 300 && mark refused yes
+                sleep 1
+                running "$vm" && mark vm.alive yes
+                stop_vm
+                kill -TERM "$net"; wait "$net"
+                echo "--- cloister ---"; cat "$RESULTS_DIR/vm.log"
+                rm -f "$a"
+                "#
+            ),
+        )
+        .timeout(Duration::from_secs(240)),
         perf("perf-pci", "pci"),
         perf("perf-mmio", "mmio"),
     ]
@@ -476,6 +504,19 @@ fn an_operator_disk_backend_restarted_under_load_loses_no_write() {
         expect_recovered(o, 5, "0");
         o.expect_mark("op.rc", "0")
             .expect_console("backend disconnected; waiting for the backend to come back");
+    });
+}
+
+#[test]
+fn a_backend_that_comes_back_as_something_else_is_refused_and_the_vm_runs_on() {
+    LAB.check("recover-refused", |o| {
+        o.expect_mark("loop.running", "yes")
+            .expect_mark("refused", "yes")
+            .expect_mark("vm.alive", "yes")
+            .expect_mark("vm.rc", "143")
+            .expect_console("the backend came back but is refused")
+            .expect_console("lacks features the driver uses")
+            .expect_no_console("panicked");
     });
 }
 

@@ -11,7 +11,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::host::{backend_bin, fresh_dir, image, process_named, ready, status_field, Vm};
+use harness::host::{
+    backend_bin, fresh_dir, image, own_network_namespace, process_named, ready, status_field, Vm,
+};
 use harness::payload;
 
 /// "name A -> B" pairs of the hook's report.
@@ -193,20 +195,6 @@ fn the_report_parser_reads_every_pair() {
             ("backend processes".to_string(), 2, 3)
         ]
     );
-}
-
-/// Moves this test's thread, and so the cloister it starts (and its spawner and backends),
-/// into a network namespace of its own, where the taps it makes are its alone.
-fn own_network_namespace(test: &str) -> bool {
-    // SAFETY: unshare(2) with a constant flag; affects only the calling thread.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        eprintln!(
-            "SKIP {test}: cannot make a network namespace ({})",
-            std::io::Error::last_os_error()
-        );
-        return false;
-    }
-    true
 }
 
 /// Whether interface `name` exists in this thread's network namespace.

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::host::{backend_bin, fresh_dir, image, process_named, ready, status_field, Vm};
+use harness::host::{
+    backend_bin, fresh_dir, image, own_network_namespace, process_named, ready, status_field, Vm,
+};
 
 /// The backend whose command line names `needle`, once a frontend is connected to it (its
 /// relay threads run only then).
@@ -199,6 +201,61 @@ fn an_operator_backend_away_costs_no_cpu_and_a_crash_loop_is_given_up() {
         !said.contains("frontend connected"),
         "cloister connected to a backend it had given up on: {said}"
     );
+    let _ = backend.kill();
+    let _ = backend.wait();
+    assert_eq!(vm.stop(), Ok(143));
+}
+
+#[test]
+fn a_backend_in_server_mode_is_listened_for_again() {
+    let test = "a_backend_in_server_mode_is_listened_for_again";
+    if !ready(test) || !own_network_namespace(test) {
+        return;
+    }
+    let dir = fresh_dir("host-recovery-server");
+    let runtime = fresh_dir("host-recovery-server-run");
+    let socket = dir.join("sv.sock");
+    let log = dir.join("sv.log");
+    // Our network backend as a client of cloister's socket, on a tap of its own.
+    let client = || {
+        Command::new(backend_bin().with_file_name("vhost-user-net"))
+            .args(["--client", "--tap", "hsrv0", "--socket"])
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .expect("backend log"),
+            )
+            .spawn()
+            .expect("start vhost-user-net")
+    };
+    let mut backend = client();
+    let mut vm = Vm::start(
+        &runtime,
+        &[
+            "--net".into(),
+            format!("socket={},vhost_mode=server", socket.display()),
+        ],
+        "",
+    );
+    assert!(
+        wait_text(&log, "frontend connected"),
+        "cloister never took the backend"
+    );
+    vm_running(&vm);
+    let _ = backend.kill();
+    let _ = backend.wait();
+    vm.wait_line(
+        "backend disconnected; waiting for the backend to come back",
+        Duration::from_secs(10),
+    );
+    backend = client();
+    let back = vm.wait_line("backend back after", Duration::from_secs(10));
+    assert!(back.contains("(recovery 1 of 1)"), "{back}");
     let _ = backend.kill();
     let _ = backend.wait();
     assert_eq!(vm.stop(), Ok(143));

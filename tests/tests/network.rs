@@ -156,7 +156,7 @@ fn scenarios() -> Vec<Scenario> {
                 kill_backend && mark respawned.download yes
             fi
             if wait_guest "$RESULTS_DIR/guest.console" "CLOISTER-NET serving" 3000; then
-                wget -q -O "$RESULTS_DIR/from-guest" http://10.14.0.2:8080/big &
+                timeout 150 wget -q -O "$RESULTS_DIR/from-guest" http://10.14.0.2:8080/big &
                 fetch=$!
                 sleep 1
                 kill_backend && mark respawned.upload yes
@@ -166,7 +166,7 @@ fn scenarios() -> Vec<Scenario> {
                 touch /tmp/www/fetched
             fi
             if wait_guest "$RESULTS_DIR/guest.console" "CLOISTER-NET holding" 1200; then
-                ping -f -c 3000 10.14.0.2 >"$RESULTS_DIR/flood.log" 2>&1 &
+                timeout 120 ping -f -c 3000 10.14.0.2 >"$RESULTS_DIR/flood.log" 2>&1 &
                 flood=$!
                 sleep 1
                 kill_backend && mark respawned.flood yes

@@ -307,10 +307,15 @@ impl DeviceManager {
             }
         }
         for d in &self.devices {
-            if matches!(d.spec.backend, Backend::Socket(_)) {
+            let dir = d.socket_path.parent().filter(|p| !p.as_os_str().is_empty());
+            match &d.spec.backend {
                 // The directory: a restarted backend makes a new socket file (a new inode).
-                let dir = d.socket_path.parent().filter(|p| !p.as_os_str().is_empty());
-                rules = rules.connect_unix(dir.unwrap_or(&d.socket_path));
+                Backend::Socket(_) => rules = rules.connect_unix(dir.unwrap_or(&d.socket_path)),
+                // Listened on again when the backend is lost.
+                Backend::Listen(_) => {
+                    rules = rules.listen_unix(dir.unwrap_or(std::path::Path::new(".")))
+                }
+                _ => {}
             }
         }
         rules

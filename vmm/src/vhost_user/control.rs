@@ -355,6 +355,16 @@ impl Owner {
         for ring in rings {
             let _ = ring.kick.write(1);
         }
+        // A backend that died may have put completions in a used ring without interrupting
+        // the guest; with EVENT_IDX the driver then waits for an interrupt at a used index
+        // already passed, which its successor will never send (Linux's virtio-net stops a
+        // full transmit queue that way, for good). One interrupt per ring makes the driver
+        // look (a spurious one costs it a look at its used ring).
+        if matches!(base, Base::Used) {
+            for ring in rings {
+                let _ = ring.call.write(1);
+            }
+        }
         Ok(())
     }
 
