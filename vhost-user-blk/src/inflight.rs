@@ -84,6 +84,15 @@ impl Tracking {
         let q = state.get_queue_mut();
         q.set_next_used(used);
         q.set_next_avail(resume.next_avail);
+        if used != 0 {
+            // A running ring taken over: the last backend may have completed requests without
+            // interrupting the guest, which then waits (with EVENT_IDX) for an interrupt at a
+            // used index already passed. One interrupt makes it look; a frontend need not send
+            // it (QEMU does not).
+            if let Err(e) = state.signal_used_queue() {
+                log::warn!("queue {}: cannot signal the guest: {e}", self.index);
+            }
+        }
         if !resume.resubmit.is_empty() {
             log::info!(
                 "queue {}: taking up {} request(s) left in flight, then the ring from {}",
