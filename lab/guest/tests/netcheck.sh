@@ -4,13 +4,16 @@
 # cloister.big=1 fetches the peer's 100 MiB http://PEER:8080/big and serves 100 MiB of its own
 # on port 8080 until the peer has fetched it (it then makes http://PEER:8080/fetched);
 # cloister.iperf=SECS runs iperf3 both ways with cloister.streams=N streams;
-# cloister.hold=SECS keeps pinging the peer that long. Reports CLOISTER-NET key=value lines.
+# cloister.hold=SECS keeps pinging the peer that long; cloister.flood=SECS pings it every 10 ms
+# that long and reports each run of 5 or more unanswered pings as a gap (its length at 10 ms a
+# ping). Reports CLOISTER-NET key=value lines.
 nets=
 pingsize=
 big=
 iperf=
 streams=1
 hold=
+flood=
 for word in $(cat /proc/cmdline); do
     case "$word" in
     cloister.nets=*) nets=${word#cloister.nets=} ;;
@@ -19,6 +22,7 @@ for word in $(cat /proc/cmdline); do
     cloister.iperf=*) iperf=${word#cloister.iperf=} ;;
     cloister.streams=*) streams=${word#cloister.streams=} ;;
     cloister.hold=*) hold=${word#cloister.hold=} ;;
+    cloister.flood=*) flood=${word#cloister.flood=} ;;
     esac
 done
 ip link set lo up
@@ -88,6 +92,13 @@ if [ -n "$hold" ]; then
     echo "CLOISTER-NET holding"
     ping -c "$hold" -W 1 "$first_peer" >/tmp/hold.log 2>&1
     echo "CLOISTER-NET held=$(grep -c 'bytes from' /tmp/hold.log)"
+fi
+if [ -n "$flood" ]; then
+    echo "CLOISTER-NET flooding"
+    ping -i 0.01 -W 1 -w "$flood" "$first_peer" 2>/dev/null |
+        awk -F'seq=' '/seq=/ { split($2, f, " "); s = f[1] + 0
+            if (seen && s - last > 5) printf "CLOISTER-NET gap_ms=%d\n", (s - last - 1) * 10
+            last = s; seen = 1 } END { printf "CLOISTER-NET flooded=%d\n", last }'
 fi
 # Interrupts per receive queue of the first NIC (virtioN-input.Q), to see which queues worked.
 irqs=$(grep -E 'input\.[0-9]+' /proc/interrupts | awk '{s=0; for (i=2; i<NF; i++) if ($i ~ /^[0-9]+$/) s+=$i; print $NF "=" s}' | tr '\n' ' ')
