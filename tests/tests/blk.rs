@@ -117,7 +117,8 @@ fn scenarios() -> Vec<Scenario> {
                 op=$!
             }
             start_op
-            wait_socket "$RESULTS_DIR/op.sock""#,
+            wait_socket "$RESULTS_DIR/op.sock"
+            GUEST_ARGS="cloister.size=16M""#,
             r#"--disk "socket=$RESULTS_DIR/op.sock""#,
             r#"restart_loop 5"#,
             r#"kill -TERM "$op"; wait "$op"; mark op.rc $?"#,

@@ -132,7 +132,7 @@ fn scenarios() -> Vec<Scenario> {
             dd if=/dev/urandom of=/tmp/www/big bs=1M count=100 2>/dev/null
             mark host.big "$(sha256sum </tmp/www/big | cut -d' ' -f1)"
             INITRAMFS="$GUEST_DIR/initramfs-tools.cpio"
-            vm_net "$RESULTS_DIR/vm.log" guest "cloister.nets=10.14.0.2/24@10.14.0.1 cloister.big=1 cloister.hold=30" \
+            vm_net "$RESULTS_DIR/vm.log" guest "cloister.nets=10.14.0.2/24@10.14.0.1 cloister.big=1 cloister.hold=15" \
                 --memory size=1G --net "tap=ctap4,ip=10.14.0.1,mask=255.255.255.0"
             wait_link ctap4 10.14.0.1
             busybox httpd -f -p 10.14.0.1:8080 -h /tmp/www &
@@ -224,7 +224,7 @@ fn scenarios() -> Vec<Scenario> {
             }
             start_op
             wait_socket "$RESULTS_DIR/rs.sock"
-            vm_net "$RESULTS_DIR/vm.log" rs "cloister.nets=10.18.0.2/24@10.18.0.1 cloister.hold=40" \
+            vm_net "$RESULTS_DIR/vm.log" rs "cloister.nets=10.18.0.2/24@10.18.0.1 cloister.hold=20" \
                 --net "socket=$RESULTS_DIR/rs.sock"
             if wait_guest "$RESULTS_DIR/rs.console" "CLOISTER-NET holding" 1200; then
                 mark guest.holding yes
@@ -256,7 +256,7 @@ fn scenarios() -> Vec<Scenario> {
                 op=$!
             }
             start_op
-            vm_net "$RESULTS_DIR/vm.log" sv "cloister.nets=10.19.0.2/24@10.19.0.1 cloister.hold=40" \
+            vm_net "$RESULTS_DIR/vm.log" sv "cloister.nets=10.19.0.2/24@10.19.0.1 cloister.hold=20" \
                 --net "socket=$RESULTS_DIR/sv.sock,vhost_mode=server"
             if wait_guest "$RESULTS_DIR/sv.console" "CLOISTER-NET holding" 1200; then
                 mark guest.holding yes
@@ -440,8 +440,8 @@ fn a_killed_managed_backend_is_started_again_and_the_guest_goes_on() {
             ));
         }
         let held: u64 = field(o, "CLOISTER-NET held", "held").parse().unwrap_or(0);
-        if held < 20 {
-            o.fail(&format!("{held} of 30 pings answered after the restarts"));
+        if held < 10 {
+            o.fail(&format!("{held} of 15 pings answered after the restarts"));
         }
     });
 }
@@ -456,10 +456,10 @@ fn an_operator_backend_restarted_under_a_running_guest_is_taken_back() {
             .expect_mark("op.rc", "0")
             .expect_console("CLOISTER-GUEST-RESULT test=netcheck rc=0")
             .expect_no_console("panicked");
-        // 40 pings a second apart, a few seconds of them while the backend was away.
+        // 20 pings a second apart, a few seconds of them while the backend was away.
         let held: u64 = field(o, "CLOISTER-NET held", "held").parse().unwrap_or(0);
-        if held < 25 {
-            o.fail(&format!("{held} of 40 pings answered around the restart"));
+        if held < 12 {
+            o.fail(&format!("{held} of 20 pings answered around the restart"));
         }
     });
 }
@@ -475,8 +475,8 @@ fn a_backend_in_server_mode_restarted_under_a_running_guest_is_taken_back() {
             .expect_console("CLOISTER-GUEST-RESULT test=netcheck rc=0")
             .expect_no_console("panicked");
         let held: u64 = field(o, "CLOISTER-NET held", "held").parse().unwrap_or(0);
-        if held < 25 {
-            o.fail(&format!("{held} of 40 pings answered around the restart"));
+        if held < 12 {
+            o.fail(&format!("{held} of 20 pings answered around the restart"));
         }
     });
 }

@@ -1,12 +1,12 @@
 #!/bin/sh
-# Writes every 4 KiB block of the first cloister.size (default 64M) of /dev/vda once, in random order, each carrying its offset
+# Writes every 4 KiB block of the first cloister.size (default 32M) of /dev/vda once, in random order, each carrying its offset
 # and a CRC32C of its contents (fio's verify header), with O_DIRECT at queue depth cloister.qd
 # (default 16), a flush every 64 writes and at most cloister.iops writes a second (so that a
 # test has time to kill the disk's backend several times meanwhile); then reads every block
 # back and checks it. Any I/O error or bad block fails it. Needs initramfs-tools.cpio.
 qd=16
-iops=1000
-size=64M
+iops=800
+size=32M
 for word in $(cat /proc/cmdline); do
     case "$word" in
     cloister.qd=*) qd=${word#cloister.qd=} ;;
