@@ -232,8 +232,10 @@ fn recovery(name: &str, before: &str, disk: &str, kills: &str, after: &str) -> S
             fi
             mark recoveries "$(grep -c 'backend back after' "$RESULTS_DIR/vm.log")"
             mark recovery.ms "$(grep -o 'back after [0-9]* ms' "$RESULTS_DIR/vm.log" | awk '{{printf "%s%s", s, $3; s=","}}')"
-            wait_for "$RESULTS_DIR/console.log" "CLOISTER-BLK-RECOVER done" 1800
-            wait_vm_exit 600
+            # Bounded well inside the scenario's timeout: a guest whose I/O stalls fails this
+            # scenario alone (and shows why) rather than the whole lab run.
+            wait_for "$RESULTS_DIR/console.log" "CLOISTER-BLK-RECOVER done" 900
+            wait_vm_exit 300
             {after}
             size=$(grep -o 'size=[0-9]*M' "$RESULTS_DIR/console.log" | head -n1 | cut -d= -f2)
             fio --name=recover --filename="$a" --rw=randwrite --bs=4k --size="$size" \
