@@ -123,23 +123,6 @@ fn scenarios() -> Vec<Scenario> {
             r#"restart_loop 5"#,
             r#"kill -TERM "$op"; wait "$op"; mark op.rc $?"#,
         ),
-        recovery(
-            "recover-qsd",
-            r#"start_op() {
-                rm -f "$RESULTS_DIR/qsd.sock"
-                qemu-storage-daemon \
-                    --blockdev "driver=file,node-name=f,filename=$a,cache.direct=on" \
-                    --export "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$RESULTS_DIR/qsd.sock,writable=on" \
-                    >>"$RESULTS_DIR/op.log" 2>&1 &
-                op=$!
-            }
-            start_op
-            wait_socket "$RESULTS_DIR/qsd.sock"
-            GUEST_ARGS="cloister.qd=1 cloister.iops=400 cloister.size=8M""#,
-            r#"--disk "socket=$RESULTS_DIR/qsd.sock""#,
-            r#"restart_loop 3"#,
-            r#"kill -TERM "$op"; wait "$op"; mark op.rc $?"#,
-        ),
         Scenario::new(
             "recover-refused",
             &format!(
@@ -520,16 +503,6 @@ fn a_backend_that_comes_back_as_something_else_is_refused_and_the_vm_runs_on() {
             .expect_console("the backend came back but is refused")
             .expect_console("lacks features the driver uses")
             .expect_no_console("panicked");
-    });
-}
-
-/// qemu-storage-daemon tracks nothing in flight: cloister says so and takes the ring up from
-/// the used index, which is exact for one request at a time (the guest's queue depth here).
-#[test]
-fn qemu_storage_daemon_restarted_under_load_loses_no_write() {
-    LAB.check("recover-qsd", |o| {
-        expect_recovered(o, 3, "0");
-        o.expect_console("the backend does not track requests in flight");
     });
 }
 
