@@ -182,22 +182,6 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// The pid of the process whose command line mentions `needle`, other than `except`.
-/// The process named `name` (its comm) whose command line mentions `needle`: the backend, not
-/// cloister's spawner (a fork of cloister, whose command line mentions the image too).
-fn pid_mentioning(name: &str, needle: &str) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            (comm.trim() == name && String::from_utf8_lossy(&cmdline).contains(needle))
-                .then_some(pid)
-        })
-}
-
 fn fresh_dir(name: &str) -> PathBuf {
     let dir = payload::scratch_dir().join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -234,8 +218,8 @@ fn every_thread_of_cloister_and_of_a_managed_backend_is_confined() {
     wait_until("cloister's main thread to be filtered", || {
         status_field(&vm_status, "Seccomp").as_deref() == Some("2")
     });
-    let backend =
-        pid_mentioning("vhost-user-blk", &image.display().to_string()).expect("backend process");
+    let backend = harness::host::process_named("vhost-user-blk", &image.display().to_string())
+        .expect("backend process");
     let backend_status = PathBuf::from(format!("/proc/{backend}/status"));
     // cloister passed its mode on.
     let cmdline = std::fs::read(format!("/proc/{backend}/cmdline")).expect("cmdline");

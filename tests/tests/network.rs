@@ -446,39 +446,30 @@ fn a_killed_managed_backend_is_started_again_and_the_guest_goes_on() {
     });
 }
 
+/// A backend killed and started again under a guest pinging once a second for 20 s: lost,
+/// back, and most pings answered.
+fn expect_taken_back(o: &ScenarioOutcome) {
+    o.expect_mark("guest.holding", "yes")
+        .expect_mark("lost", "yes")
+        .expect_mark("back", "yes")
+        .expect_mark("vm.rc", "0")
+        .expect_mark("op.rc", "0")
+        .expect_console("CLOISTER-GUEST-RESULT test=netcheck rc=0")
+        .expect_no_console("panicked");
+    let held: u64 = field(o, "CLOISTER-NET held", "held").parse().unwrap_or(0);
+    if held < 12 {
+        o.fail(&format!("{held} of 20 pings answered around the restart"));
+    }
+}
+
 #[test]
 fn an_operator_backend_restarted_under_a_running_guest_is_taken_back() {
-    LAB.check("operator-restarted", |o| {
-        o.expect_mark("guest.holding", "yes")
-            .expect_mark("lost", "yes")
-            .expect_mark("back", "yes")
-            .expect_mark("vm.rc", "0")
-            .expect_mark("op.rc", "0")
-            .expect_console("CLOISTER-GUEST-RESULT test=netcheck rc=0")
-            .expect_no_console("panicked");
-        // 20 pings a second apart, a few seconds of them while the backend was away.
-        let held: u64 = field(o, "CLOISTER-NET held", "held").parse().unwrap_or(0);
-        if held < 12 {
-            o.fail(&format!("{held} of 20 pings answered around the restart"));
-        }
-    });
+    LAB.check("operator-restarted", expect_taken_back);
 }
 
 #[test]
 fn a_backend_in_server_mode_restarted_under_a_running_guest_is_taken_back() {
-    LAB.check("server-mode-restarted", |o| {
-        o.expect_mark("guest.holding", "yes")
-            .expect_mark("lost", "yes")
-            .expect_mark("back", "yes")
-            .expect_mark("vm.rc", "0")
-            .expect_mark("op.rc", "0")
-            .expect_console("CLOISTER-GUEST-RESULT test=netcheck rc=0")
-            .expect_no_console("panicked");
-        let held: u64 = field(o, "CLOISTER-NET held", "held").parse().unwrap_or(0);
-        if held < 12 {
-            o.fail(&format!("{held} of 20 pings answered around the restart"));
-        }
-    });
+    LAB.check("server-mode-restarted", expect_taken_back);
 }
 
 #[test]

@@ -467,27 +467,6 @@ impl DeviceManager {
         }
         match watch {
             Watch::Changed | Watch::Failure(_) => {}
-            Watch::Socket(_) if d.recoverable() => {
-                d.socket = None;
-                let exited = d.process.as_mut().and_then(|p| p.wait_timeout(EXIT_GRACE));
-                let what = match exited {
-                    Some(s) => {
-                        d.process_watched = false;
-                        format!("backend exited with {}", supervisor::describe(s))
-                    }
-                    None => "backend disconnected".to_string(),
-                };
-                d.lose(&what, self.crash_limit);
-            }
-            Watch::Process(_) if d.recoverable() => {
-                d.process_watched = false;
-                let status = d.process.as_mut().and_then(SpawnedProcess::try_wait);
-                let what = match status {
-                    Some(s) => format!("backend exited with {}", supervisor::describe(s)),
-                    None => "backend exited".to_string(),
-                };
-                d.lose(&what, self.crash_limit);
-            }
             Watch::Socket(_) => {
                 // Poll reports a hang-up until the descriptor goes: stop watching it.
                 d.socket = None;
@@ -499,7 +478,11 @@ impl DeviceManager {
                     }
                     None => "backend disconnected".to_string(),
                 };
-                d.report(&what);
+                if d.recoverable() {
+                    d.lose(&what, self.crash_limit);
+                } else {
+                    d.report(&what);
+                }
             }
             Watch::Process(_) => {
                 d.process_watched = false;
@@ -508,8 +491,13 @@ impl DeviceManager {
                     Some(s) => format!("backend exited with {}", supervisor::describe(s)),
                     None => "backend exited".to_string(),
                 };
-                // Perhaps reported as a disconnection already; how it ended is still worth a line.
-                d.report(&what);
+                if d.recoverable() {
+                    d.lose(&what, self.crash_limit);
+                } else {
+                    // Perhaps reported as a disconnection already; how it ended is still worth
+                    // a line.
+                    d.report(&what);
+                }
             }
         }
     }
