@@ -59,47 +59,80 @@ impl SharedRun {
 }
 
 impl SharedRun {
-    /// Runs `checks` on scenario `name`'s outcome. Should they fail, the scenario runs once
-    /// more, alone, in a fresh lab boot, and `checks` decide again; a second failure fails the
-    /// test. The lab is software emulation of nested virtualization, which now and then
-    /// misbehaves under load however correct the code inside (the lab's kernel oopsing in a
-    /// KVM vCPU thread, a guest triple-faulting — with QEMU as the VMM too); a defect of ours
-    /// fails both runs. The first failure stays in the test's output, and a pass on the second
-    /// run is reported as a lab flake.
+    /// Runs `checks` on scenario `name`'s outcome. Should they fail, the scenario runs again,
+    /// alone, in a fresh lab boot, up to [`LAB_RETRIES`] times, and `checks` decide again; a
+    /// failure on every run fails the test. The lab is software emulation of nested
+    /// virtualization, which now and then misbehaves under load however correct the code
+    /// inside (the lab's kernel oopsing in a KVM vCPU thread or locking up, a guest
+    /// triple-faulting — with QEMU as the VMM too); a defect of ours fails every run. Each
+    /// failure stays in the test's output, and a pass after one is reported as a lab flake.
     pub fn check(&self, name: &str, checks: impl Fn(&ScenarioOutcome)) {
-        let failure = match self.outcome(name) {
-            Ok(first) => {
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| checks(first))) {
-                    Ok(()) => return,
-                    Err(cause) => panic_text(cause.as_ref()),
-                }
-            }
+        let mut failure = match self.outcome(name) {
+            Ok(first) => match attempt(first, &checks) {
+                Ok(()) => return,
+                Err(e) => e,
+            },
             // The lab died before the scenario ran, or the run failed: the same treatment.
             Err(e) => {
                 eprintln!("{e}");
                 e
             }
         };
-        let first_line = failure.lines().next().unwrap_or_default().to_string();
-        eprintln!(
-            "LAB RETRY: scenario {name} failed its checks ({first_line}); running it once more, \
-             alone, in a fresh lab boot"
-        );
         let Some(scenario) = (self.scenarios)().into_iter().find(|s| s.name() == name) else {
             panic!("{failure}");
         };
-        let retry_name = format!("{}-retry-{name}", self.name);
-        let run = lab::run(&retry_name, &[scenario], &(self.options)()).unwrap_or_else(|e| {
-            panic!("{failure}\n(the retry could not run: {})", error_chain(&e))
-        });
-        let second = run
-            .scenario(name)
-            .unwrap_or_else(|e| panic!("{failure}\n(retry: {e})"));
-        checks(second);
-        eprintln!(
-            "LAB FLAKE: scenario {name} passed on its second run; the first failed: {first_line}"
+        let mut failures = Vec::new();
+        for retry in 1..=LAB_RETRIES {
+            let first_line = failure.lines().next().unwrap_or_default().to_string();
+            eprintln!(
+                "LAB RETRY {retry} of {LAB_RETRIES}: scenario {name} failed its checks \
+                 ({first_line}); running it again, alone, in a fresh lab boot"
+            );
+            failures.push(first_line);
+            let retry_name = match retry {
+                1 => format!("{}-retry-{name}", self.name),
+                n => format!("{}-retry{n}-{name}", self.name),
+            };
+            let outcome = lab::run(
+                &retry_name,
+                std::slice::from_ref(&scenario),
+                &(self.options)(),
+            )
+            .map_err(|e| format!("the retry could not run: {}", error_chain(&e)))
+            .and_then(|run| {
+                let outcome = run.scenario(name)?;
+                attempt(outcome, &checks)
+            });
+            match outcome {
+                Ok(()) => {
+                    eprintln!(
+                        "LAB FLAKE: scenario {name} passed on run {}; the earlier runs failed: {}",
+                        retry + 1,
+                        failures.join(" | ")
+                    );
+                    return;
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    failure = e;
+                }
+            }
+        }
+        panic!(
+            "scenario {name} failed on all {} runs: {} | {failure}",
+            LAB_RETRIES + 1,
+            failures.join(" | ")
         );
     }
+}
+
+/// How many times a scenario whose checks failed is run again.
+pub const LAB_RETRIES: usize = 2;
+
+/// `checks` on `outcome`, their panic as an error.
+fn attempt(outcome: &ScenarioOutcome, checks: &impl Fn(&ScenarioOutcome)) -> Result<(), String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| checks(outcome)))
+        .map_err(|cause| panic_text(cause.as_ref()))
 }
 
 fn panic_text(cause: &(dyn std::any::Any + Send)) -> String {

@@ -17,7 +17,7 @@ pub enum ExitReason {
     /// pvpanic "panicked" event.
     GuestPanic,
     /// KVM_EXIT_SHUTDOWN: the vCPU hit a fault while delivering a double fault.
-    TripleFault { vcpu: usize },
+    TripleFault { vcpu: usize, state: String },
     /// Anything else that stopped a vCPU: an internal KVM error, a failed entry, an exit we do
     /// not handle, or a KVM_RUN error.
     VcpuFailure { vcpu: usize, detail: String },
@@ -42,8 +42,8 @@ impl fmt::Display for ExitReason {
             ExitReason::PowerOff => write!(f, "guest powered off"),
             ExitReason::Reboot => write!(f, "guest requested reboot; exiting"),
             ExitReason::GuestPanic => write!(f, "guest kernel panicked"),
-            ExitReason::TripleFault { vcpu } => {
-                write!(f, "vCPU {vcpu}: triple fault (KVM_EXIT_SHUTDOWN)")
+            ExitReason::TripleFault { vcpu, state } => {
+                write!(f, "vCPU {vcpu}: triple fault (KVM_EXIT_SHUTDOWN){state}")
             }
             ExitReason::VcpuFailure { vcpu, detail } => write!(f, "vCPU {vcpu}: {detail}"),
             ExitReason::Signal(n) => write!(f, "terminated by signal {}", signal_name(*n)),
@@ -105,7 +105,10 @@ mod tests {
         let l = ExitLatch::new().unwrap();
         assert_eq!(l.reason(), None);
         l.request(ExitReason::GuestPanic);
-        l.request(ExitReason::TripleFault { vcpu: 0 });
+        l.request(ExitReason::TripleFault {
+            vcpu: 0,
+            state: String::new(),
+        });
         assert_eq!(l.reason(), Some(ExitReason::GuestPanic));
         assert_eq!(l.eventfd().read().unwrap(), 1);
     }
@@ -115,7 +118,14 @@ mod tests {
         assert_eq!(ExitReason::PowerOff.exit_code(), 0);
         assert_eq!(ExitReason::Reboot.exit_code(), 0);
         assert_eq!(ExitReason::GuestPanic.exit_code(), 1);
-        assert_eq!(ExitReason::TripleFault { vcpu: 1 }.exit_code(), 1);
+        assert_eq!(
+            ExitReason::TripleFault {
+                vcpu: 1,
+                state: String::new()
+            }
+            .exit_code(),
+            1
+        );
         assert_eq!(
             ExitReason::VcpuFailure {
                 vcpu: 0,
@@ -125,8 +135,11 @@ mod tests {
             1
         );
         assert_eq!(ExitReason::Signal(libc::SIGTERM).exit_code(), 143);
-        assert!(ExitReason::TripleFault { vcpu: 1 }
-            .to_string()
-            .contains("triple fault"));
+        assert!(ExitReason::TripleFault {
+            vcpu: 1,
+            state: String::new()
+        }
+        .to_string()
+        .contains("triple fault"));
     }
 }

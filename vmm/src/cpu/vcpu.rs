@@ -269,7 +269,11 @@ impl Vcpu {
             // With the in-kernel LAPIC, HLT does not exit; if it ever does, resuming is right.
             Ok(VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr) => return None,
             Ok(VcpuExit::Shutdown) => {
-                return Some(ExitReason::TripleFault { vcpu: self.index });
+                // Where it was is all there is to go on when a guest triple-faults.
+                return Some(ExitReason::TripleFault {
+                    vcpu: self.index,
+                    state: self.where_it_was(),
+                });
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => return Some(ExitReason::PowerOff),
@@ -359,13 +363,32 @@ impl Vcpu {
                 hw.hardware_exit_reason
             ));
         }
-        if let (Ok(r), Ok(s)) = (self.fd.get_regs(), self.fd.get_sregs()) {
-            detail.push_str(&format!(
-                " at rip {:#x} (cs {:#x}, cr0 {:#x}, efer {:#x})",
-                r.rip, s.cs.selector, s.cr0, s.efer
-            ));
-        }
+        detail.push_str(&self.where_it_was());
         detail
+    }
+
+    /// " at rip … (registers that say what the guest was doing)", or nothing if KVM will not
+    /// tell.
+    fn where_it_was(&self) -> String {
+        let (Ok(r), Ok(s)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return String::new();
+        };
+        format!(
+            " at rip {:#x} (rsp {:#x}, rflags {:#x}, cs {:#x}, cr0 {:#x}, cr2 {:#x}, cr3 {:#x}, \
+             cr4 {:#x}, efer {:#x}, idt {:#x}+{:#x}, gs base {:#x})",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            s.cs.selector,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.idt.base,
+            s.idt.limit,
+            s.gs.base
+        )
     }
 }
 
