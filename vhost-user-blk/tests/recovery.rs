@@ -127,30 +127,51 @@ fn a_new_backend_takes_up_what_the_dead_one_left_in_flight() {
 /// One write slot of the load: its buffers and the blocks it writes in turn.
 struct Writer {
     slot: Slot,
-    /// The next of this writer's blocks, and how many writes it has made.
+    /// Its blocks are `index, index + stride, …`: writes in flight never share a block, so the
+    /// image ends up with each block's last write whatever order the backends did them in.
+    index: u64,
+    stride: u64,
+    /// How many of its writes have completed.
     turn: u64,
     /// Head of its request in the ring while one is outstanding.
     head: Option<u16>,
 }
 
 const BLOCK: u32 = 4096;
-const WRITERS: u64 = 16;
-/// Each writer has blocks `w, w + WRITERS, …`: writes in flight never share a block, so the
-/// image ends up with each block's last write whatever order the backends did them in.
 const BLOCKS_PER_WRITER: u64 = 8;
+/// Nothing completing for this long, with writes outstanding, is a stalled ring.
+const STALL: Duration = Duration::from_secs(5);
 
 fn content(block: u64, turn: u64) -> Vec<u8> {
     random_bytes(block << 32 | turn, BLOCK as usize)
 }
 
 impl Writer {
-    fn block(&self, writer: u64) -> u64 {
-        writer + WRITERS * (self.turn % BLOCKS_PER_WRITER)
+    /// `count` writers, each with its first write queued and published.
+    fn start(blk: &mut TestBlk, count: u64) -> Vec<Writer> {
+        let mut writers: Vec<Writer> = (0..count)
+            .map(|index| Writer {
+                slot: Slot::new(blk, VIRTIO_BLK_T_OUT, 0, BLOCK),
+                index,
+                stride: count,
+                turn: 0,
+                head: None,
+            })
+            .collect();
+        for writer in &mut writers {
+            writer.submit(blk);
+        }
+        blk.queue(0).notify().unwrap();
+        writers
+    }
+
+    fn block(&self, turn: u64) -> u64 {
+        self.index + self.stride * (turn % BLOCKS_PER_WRITER)
     }
 
     /// Queues this writer's next write (published by the caller's `notify`).
-    fn submit(&mut self, blk: &mut TestBlk, writer: u64) {
-        let block = self.block(writer);
+    fn submit(&mut self, blk: &mut TestBlk) {
+        let block = self.block(self.turn);
         let sector = block * u64::from(BLOCK) / SECTOR;
         blk.ram()
             .memory()
@@ -162,6 +183,22 @@ impl Writer {
             .unwrap();
         self.head = Some(self.slot.add(blk, 0));
     }
+
+    /// Each of its blocks holds the last write made to it, or the image's pattern if none.
+    fn check(&self, image: &std::path::Path) {
+        for back in 1..=BLOCKS_PER_WRITER.min(self.turn) {
+            let turn = self.turn - back;
+            let block = self.block(turn);
+            let got = read_file_range(image, block * u64::from(BLOCK), BLOCK as usize);
+            assert_eq!(
+                checksum(&got),
+                checksum(&content(block, turn)),
+                "block {block} lacks writer {}'s write {turn} of {}",
+                self.index,
+                self.turn
+            );
+        }
+    }
 }
 
 /// The used index the device last published (what a VMM hands the next backend).
@@ -172,9 +209,6 @@ fn device_used_index(blk: &mut TestBlk) -> u16 {
         .read_obj::<u16>(used.unchecked_add(2))
         .unwrap()
 }
-
-/// Nothing completing for this long, with writes outstanding, is a stalled ring.
-const STALL: Duration = Duration::from_secs(5);
 
 /// How long [`run_load`] goes on.
 enum Until {
@@ -206,17 +240,20 @@ fn run_load(blk: &mut TestBlk, writers: &mut [Writer], until: Until) {
             Ok((head, _)) => {
                 progress = Instant::now();
                 completed += 1;
-                let (index, writer) = writers
+                let writer = writers
                     .iter_mut()
-                    .enumerate()
-                    .find(|(_, w)| w.head == Some(head))
+                    .find(|w| w.head == Some(head))
                     .unwrap_or_else(|| panic!("completion of head {head}, which is not ours"));
                 let status: u8 = writer.slot.status(blk);
-                assert_eq!(status, OK, "writer {index}'s write {}", writer.turn);
+                assert_eq!(
+                    status, OK,
+                    "writer {}'s write {}",
+                    writer.index, writer.turn
+                );
                 writer.head = None;
                 writer.turn += 1;
                 if !matches!(until, Until::Drained) {
-                    writer.submit(blk, index as u64);
+                    writer.submit(blk);
                     blk.queue(0).notify().unwrap();
                 }
             }
@@ -236,15 +273,55 @@ fn run_load(blk: &mut TestBlk, writers: &mut [Writer], until: Until) {
     }
 }
 
-/// What the VMM does for a lost disk backend, thirty times, with a frontend that kicks only
-/// when EVENT_IDX says so: kill the backend at a random moment under 16 writes in flight
-/// (polling, sleeping, mid-completion), start another on the same image, hand it the memory,
-/// the in-flight region and the ring at the used index, kick once. Every write must complete,
-/// without the frontend kicking out of turn, and the image must hold each block's last write.
+/// `rounds` times, after some load (from none to 20 ms, so the kill finds the backend in
+/// every state: polling, sleeping, mid-completion), `restart` kills the backend and starts
+/// another, whose socket it returns; the new one gets what a VMM hands it: the memory, the
+/// in-flight region if any, the ring at the used index, one kick. The last one finishes
+/// everything. Returns how many writes completed.
+fn load_through_restarts(
+    blk: &mut TestBlk,
+    writers: &mut [Writer],
+    rounds: u64,
+    inflight: Option<(
+        &vhost::vhost_user::message::VhostUserInflight,
+        std::os::fd::RawFd,
+    )>,
+    mut restart: impl FnMut(u64) -> std::path::PathBuf,
+) -> u64 {
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for round in 0..rounds {
+        // The last backend must have made progress before this one dies: a ring it left
+        // stalled shows here, not hidden by the next take-over's kick.
+        run_load(blk, writers, Until::Completion);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        run_load(
+            blk,
+            writers,
+            Until::Elapsed(Duration::from_micros(seed % 20_000)),
+        );
+        let socket = restart(round);
+        let base = device_used_index(blk);
+        blk.take_over(&socket, features_wanted(), inflight, base)
+            .unwrap_or_else(|e| panic!("round {round}: take-over: {e}"));
+        // The VMM's one kick once the rings are handed over; the frontend's own state is
+        // untouched, as a guest's is.
+        blk.queue(0).kick.write(1).unwrap();
+    }
+    run_load(blk, writers, Until::Drained);
+    let writes: u64 = writers.iter().map(|w| w.turn).sum();
+    assert!(writes > rounds, "only {writes} writes completed");
+    writes
+}
+
+/// What the VMM does for a lost disk backend, thirty times, under 16 writes in flight, with a
+/// frontend that kicks only when EVENT_IDX says so: every write must complete and the image
+/// must hold each block's last write.
 #[test]
 fn killed_thirty_times_under_load_the_ring_goes_on_and_no_write_is_lost() {
     const ROUNDS: u64 = 30;
-    let mut first = Daemon::start("recovery-load", &[]);
+    let first = Daemon::start("recovery-load", &[]);
     let image = first.image.clone();
     let mut blk = first.connect_with(1, 128, features_wanted());
     let asked = vhost::vhost_user::message::VhostUserInflight {
@@ -258,70 +335,100 @@ fn killed_thirty_times_under_load_the_ring_goes_on_and_no_write_is_lost() {
         .frontend()
         .get_inflight_fd(&asked)
         .expect("the backend offers in-flight tracking");
-    let mut writers: Vec<Writer> = (0..WRITERS)
-        .map(|_| Writer {
-            slot: Slot::new(&blk, VIRTIO_BLK_T_OUT, 0, BLOCK),
-            turn: 0,
-            head: None,
-        })
-        .collect();
-    for (index, writer) in writers.iter_mut().enumerate() {
-        writer.submit(&mut blk, index as u64);
-    }
-    blk.queue(0).notify().unwrap();
-
-    let mut current: Option<Daemon> = None;
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-    for round in 0..ROUNDS {
-        // Between 0 and 20 ms of load, so the kill finds the backend in every state.
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        // The last backend must have made progress before this one dies: a ring it left
-        // stalled shows here, not hidden by the next take-over's kick.
-        run_load(&mut blk, &mut writers, Until::Completion);
-        let load = Duration::from_micros(seed % 20_000);
-        run_load(&mut blk, &mut writers, Until::Elapsed(load));
-        let dying = current.as_mut().unwrap_or(&mut first);
-        dying.signal_and_wait(libc::SIGKILL);
-        let next = Daemon::start_with(
-            Scratch::new(&format!("recovery-load-{round}")),
-            image.clone(),
-            &[],
-        );
-        let base = device_used_index(&mut blk);
-        blk.take_over(
-            &next.socket,
-            features_wanted(),
-            Some((&info, region_file.as_raw_fd())),
-            base,
-        )
-        .unwrap_or_else(|e| panic!("round {round}: take-over: {e}; log: {}", next.log_text()));
-        // The VMM's one kick once the rings are handed over; the frontend's own state is
-        // untouched, as a guest's is.
-        blk.queue(0).kick.write(1).unwrap();
-        current = Some(next);
-    }
-    // The last backend finishes everything, with no new writes.
-    run_load(&mut blk, &mut writers, Until::Drained);
-    let outstanding = writers.iter().filter(|w| w.head.is_some()).count();
-    assert_eq!(outstanding, 0);
-    let writes: u64 = writers.iter().map(|w| w.turn).sum();
-    assert!(writes > ROUNDS, "only {writes} writes completed");
-    for (index, writer) in writers.iter().enumerate() {
-        // Each of its blocks holds the last write made to it (turn - 1, - 2, …), or the
-        // image's pattern if it was never written.
-        for back in 1..=BLOCKS_PER_WRITER.min(writer.turn) {
-            let turn = writer.turn - back;
-            let block = index as u64 + WRITERS * (turn % BLOCKS_PER_WRITER);
-            let got = read_file_range(&image, block * u64::from(BLOCK), BLOCK as usize);
-            assert_eq!(
-                checksum(&got),
-                checksum(&content(block, turn)),
-                "block {block} lacks writer {index}'s write {turn} of {}",
-                writer.turn
+    let mut writers = Writer::start(&mut blk, 16);
+    let mut current = first;
+    let mut backends = Vec::new();
+    let writes = load_through_restarts(
+        &mut blk,
+        &mut writers,
+        ROUNDS,
+        Some((&info, region_file.as_raw_fd())),
+        |round| {
+            current.signal_and_wait(libc::SIGKILL);
+            let next = Daemon::start_with(
+                Scratch::new(&format!("recovery-load-{round}")),
+                image.clone(),
+                &[],
             );
-        }
+            let socket = next.socket.clone();
+            // The first daemon's scratch directory holds the image: keep them all.
+            backends.push(std::mem::replace(&mut current, next));
+            socket
+        },
+    );
+    for writer in &writers {
+        writer.check(&image);
     }
     eprintln!("{writes} writes over {ROUNDS} backends, none lost");
+}
+
+/// qemu-storage-daemon, a standard backend that tracks nothing in flight, on `image`.
+struct StorageDaemon {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+}
+
+impl StorageDaemon {
+    fn start(image: &std::path::Path, socket: &std::path::Path) -> Self {
+        let _ = std::fs::remove_file(socket);
+        let child = std::process::Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f,filename={}",
+                image.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on",
+                socket.display()
+            ))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon is installed (scripts/install-deps.sh)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon made no socket"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        StorageDaemon {
+            child,
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The same take-over with qemu-storage-daemon killed and started again twenty times. It
+/// offers no in-flight tracking, so the ring resumes at the used index, which is exact for
+/// one request at a time: at queue depth 1 every write completes, once, and lands.
+#[test]
+fn qemu_storage_daemon_killed_twenty_times_at_queue_depth_one_loses_no_write() {
+    const ROUNDS: u64 = 20;
+    let scratch = Scratch::new("recovery-qsd");
+    let image = scratch.image(IMAGE_SIZE);
+    let socket = scratch.path("qsd.sock");
+    let mut qsd = StorageDaemon::start(&image, &socket);
+    let mut blk = TestBlk::connect(&qsd.socket, 1, 128, features_wanted())
+        .unwrap_or_else(|e| panic!("connect to qemu-storage-daemon: {e}"));
+    let mut writers = Writer::start(&mut blk, 1);
+    let writes = load_through_restarts(&mut blk, &mut writers, ROUNDS, None, |_| {
+        qsd.kill();
+        qsd = StorageDaemon::start(&image, &socket);
+        qsd.socket.clone()
+    });
+    writers[0].check(&image);
+    eprintln!("{writes} writes over {ROUNDS} qemu-storage-daemons, none lost");
 }
