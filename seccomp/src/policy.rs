@@ -40,6 +40,10 @@ pub enum ThreadRole {
     VmmHotplug,
     /// `cloister`'s console writer: moves the guest's serial output to stdout or its file.
     VmmConsole,
+    /// `cloister`'s API server: takes HTTP requests on the API socket (bound before it
+    /// confines itself), answers what it can from the VMM's state and hands the rest to the
+    /// main and hot-plug threads.
+    VmmApi,
     /// `vhost-user-blk`'s main thread (the serve loop), and the vhost-user control thread it
     /// starts for each connection, which keeps this policy.
     BlkMain,
@@ -57,13 +61,14 @@ pub enum ThreadRole {
 
 impl ThreadRole {
     /// Every role, for listings and tests.
-    pub const ALL: [ThreadRole; 11] = [
+    pub const ALL: [ThreadRole; 12] = [
         ThreadRole::VmmMain,
         ThreadRole::VmmVcpu,
         ThreadRole::VmmWatchdog,
         ThreadRole::VmmDeviceControl,
         ThreadRole::VmmHotplug,
         ThreadRole::VmmConsole,
+        ThreadRole::VmmApi,
         ThreadRole::BlkMain,
         ThreadRole::BlkWorker,
         ThreadRole::NetMain,
@@ -80,6 +85,7 @@ impl ThreadRole {
             ThreadRole::VmmDeviceControl => "vmm-device-control",
             ThreadRole::VmmHotplug => "vmm-hotplug",
             ThreadRole::VmmConsole => "vmm-console",
+            ThreadRole::VmmApi => "vmm-api",
             ThreadRole::BlkMain => "blk-main",
             ThreadRole::BlkWorker => "blk-worker",
             ThreadRole::NetMain => "net-main",
@@ -111,6 +117,7 @@ impl ThreadRole {
                 vmm_device_control(),
             ],
             ThreadRole::VmmConsole => vec![base(), vmm_console()],
+            ThreadRole::VmmApi => vec![base(), vmm_api()],
             ThreadRole::BlkMain => vec![
                 base(),
                 spawns_threads(),
@@ -493,6 +500,39 @@ fn vmm_console() -> Vec<Rule> {
     ]
 }
 
+/// The API server: its socket is bound before it confines itself; it opens nothing.
+fn vmm_api() -> Vec<Rule> {
+    use libc::*;
+    vec![
+        allow(SYS_accept4, "takes a client's connection"),
+        allow(
+            SYS_recvmsg,
+            "a request, with the descriptors a client passes (tap queues)",
+        ),
+        allow(
+            SYS_sendto,
+            "the reply (std writes to a Unix stream with send, MSG_NOSIGNAL)",
+        ),
+        allow(
+            SYS_close,
+            "a client's connection, and descriptors no request used",
+        ),
+        allow_values(
+            SYS_setsockopt,
+            1,
+            &[SOL_SOCKET as u64],
+            "a receive timeout on each connection, so a slow client is dropped",
+        ),
+        allow(SYS_getpid, "vmm.ping reports the process id"),
+        allow_values(
+            SYS_fcntl,
+            1,
+            &[F_GETFD as u64],
+            "std checks that a descriptor it closes is open (debug builds)",
+        ),
+    ]
+}
+
 /// A backend's serve loop.
 fn backend_main() -> Vec<Rule> {
     use libc::*;
@@ -847,6 +887,7 @@ mod tests {
                 ThreadRole::VmmWatchdog,
                 ThreadRole::VmmDeviceControl,
                 ThreadRole::VmmConsole,
+                ThreadRole::VmmApi,
             ],
             &[
                 libc::SYS_clone,

@@ -23,13 +23,36 @@ pub enum ExitReason {
     VcpuFailure { vcpu: usize, detail: String },
     /// SIGINT, SIGTERM or SIGHUP to the VMM.
     Signal(i32),
+    /// The API asked.
+    Api(ApiStop),
+}
+
+/// Which API request stopped the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiStop {
+    /// `vm.shutdown`: the VMM stays, the configuration too.
+    Shutdown,
+    /// `vm.delete`: the VMM stays, the configuration goes.
+    Delete,
+    /// `vmm.shutdown`: the VMM goes.
+    Vmm,
+}
+
+impl ApiStop {
+    pub fn endpoint(self) -> &'static str {
+        match self {
+            ApiStop::Shutdown => "vm.shutdown",
+            ApiStop::Delete => "vm.delete",
+            ApiStop::Vmm => "vmm.shutdown",
+        }
+    }
 }
 
 impl ExitReason {
     /// 0 for a guest that asked to stop, 1 for a guest or VMM failure, 128+N for signal N.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ExitReason::PowerOff | ExitReason::Reboot => 0,
+            ExitReason::PowerOff | ExitReason::Reboot | ExitReason::Api(_) => 0,
             ExitReason::Signal(n) => (128 + n).clamp(0, 255) as u8,
             _ => 1,
         }
@@ -47,6 +70,7 @@ impl fmt::Display for ExitReason {
             }
             ExitReason::VcpuFailure { vcpu, detail } => write!(f, "vCPU {vcpu}: {detail}"),
             ExitReason::Signal(n) => write!(f, "terminated by signal {}", signal_name(*n)),
+            ExitReason::Api(stop) => write!(f, "stopped through the API ({})", stop.endpoint()),
         }
     }
 }

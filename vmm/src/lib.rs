@@ -1,6 +1,7 @@
 //! The Cloister VMM core: KVM vCPUs, guest memory, the platform devices and the boot path.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod cpu;
@@ -10,6 +11,8 @@ pub mod exit;
 pub mod irqchip;
 pub mod kinds;
 pub mod layout;
+pub mod lifecycle;
+pub mod main_loop;
 pub mod memory;
 pub mod pci;
 pub mod signals;
@@ -23,7 +26,7 @@ pub mod vm_ops;
 
 use thiserror::Error;
 
-pub use config::ConfigError;
+pub use config::{ConfigError, VmConfig};
 pub use exit::ExitReason;
 pub use vm::{Vm, VmError};
 
@@ -62,11 +65,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Validates the command line, builds the VM and runs it.
+/// Validates the command line, builds the VM (or waits for the API to ask for one) and runs
+/// it.
 pub fn run(cli: &config::Cli) -> Result<ExitReason, Error> {
-    let host_ram =
-        config::host_ram_bytes().map_err(|e| VmError::Io("read the host's memory size", e))?;
-    let cfg = config::VmConfig::from_cli(cli, host_ram)?;
-    let vm = Vm::new(&cfg)?;
-    Ok(vm.run()?)
+    main_loop::run(cli)
 }

@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -28,16 +28,18 @@ use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::pvpanic::{PvPanic, PVPANIC_PORT};
 use crate::devices::serial::{Output, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use crate::devices::{Bus, BusDevice, BusError};
-use crate::exit::ExitLatch;
 pub use crate::exit::ExitReason;
+use crate::exit::{ApiStop, ExitLatch};
 use crate::irqchip::{self, IrqchipError};
 use crate::layout::{
     RamLayout, KVM_IDENTITY_MAP_START, KVM_TSS_START, PCI_ECAM_BUS_SIZE, PCI_ECAM_START,
     PCI_MMIO_SIZE, PCI_MMIO_START,
 };
+use crate::lifecycle::{Command, Inbox, Refusal, RunningVm};
 use crate::memory::{GuestRam, MemoryError};
 use crate::pci::bus::{CONFIG_IO_LEN, CONFIG_IO_PORT};
 use crate::pci::{PciConfigIo, PciConfigMmio, PciRoot};
+use crate::signals::SignalFd;
 use crate::supervisor::Spawner;
 use crate::terminal::RawTerminal;
 use crate::vm_ops::{KvmVmOps, VmOps};
@@ -102,9 +104,9 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Builds the VM. User errors come back as [`crate::Error::Config`] (exit status 2), VMM
-    /// and KVM failures as [`crate::Error::Vm`].
-    pub fn new(cfg: &VmConfig) -> Result<Self, crate::Error> {
+    /// Builds the VM; `spawner` starts its managed backends. User errors come back as
+    /// [`crate::Error::Config`] (exit status 2), VMM and KVM failures as [`crate::Error::Vm`].
+    pub fn new(cfg: &VmConfig, spawner: Arc<Spawner>) -> Result<Self, crate::Error> {
         // Everything the user named is opened first, so mistakes are reported before any
         // KVM work.
         let kernel = Kernel::open(&cfg.kernel).map_err(|source| ConfigError::Kernel {
@@ -146,13 +148,6 @@ impl Vm {
         }
         // Every option is checked now; the devices' backends start while we build the VM.
         cfg.check_files()?;
-        // Before any thread exists (the vhost-user watchdogs and control threads start when
-        // the devices attach): the SIGSYS reporter and the mode every thread will be confined
-        // with.
-        cloister_seccomp::init("cloister", cfg.seccomp).map_err(VmError::from)?;
-        // Forked while this process is one thread and holds no guest memory or KVM.
-        let spawner = Spawner::start(crate::kinds::BACKEND_PROGRAMS)
-            .map_err(|e| VmError::Io("start the spawner process", e))?;
         let mut devices = DeviceManager::new(&cfg.devices, spawner, cfg.backend_restarts)
             .map_err(VmError::from)?;
         let vm_fd = Arc::new(
@@ -307,17 +302,21 @@ impl Vm {
         self.hotplug.clone()
     }
 
+    /// What the API reads of the VM while it runs.
+    pub fn running(&self) -> RunningVm {
+        RunningVm {
+            devices: self.devices.clone(),
+            hotplug: self.hotplug.clone(),
+        }
+    }
+
     fn devices(&self) -> MutexGuard<'_, DeviceManager> {
         self.devices.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs the guest until it powers off, reboots, panics or fails, or we get SIGINT,
     /// SIGTERM or SIGHUP. The terminal is restored before this returns.
-    pub fn run(mut self) -> Result<ExitReason, VmError> {
-        // Termination signals are taken through a signalfd by this thread only; blocking them
-        // before spawning means vCPU threads inherit the mask and never see them.
-        let signals = SignalFd::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
-            .map_err(|e| VmError::Io("set up signal handling", e))?;
+    pub fn run(mut self, events: &MainEvents) -> Result<ExitReason, VmError> {
         crate::cpu::vcpu::install_kick_handler()
             .map_err(|e| VmError::Signal("install the vCPU kick handler", e))?;
         // In the background, stdin's terminal belongs to the foreground job: output only.
@@ -379,7 +378,7 @@ impl Vm {
         let result = match spawn_error {
             None => self
                 .enter_sandbox()
-                .and_then(|()| self.wait_for_exit(&signals)),
+                .and_then(|()| self.wait_for_exit(events)),
             Some(e) => Err(VmError::Io("start a vCPU thread", e)),
         };
 
@@ -432,7 +431,8 @@ impl Vm {
     /// keeps running; an operator's backend whose rings a new one can take over is sought
     /// again instead, with backoff, on the hot-plug thread. This is
     /// poll(2) rather than epoll: stdin may be a regular file or /dev/null, which epoll refuses.
-    fn wait_for_exit(&mut self, signals: &SignalFd) -> Result<ExitReason, VmError> {
+    fn wait_for_exit(&mut self, events: &MainEvents) -> Result<ExitReason, VmError> {
+        let signals = events.signals;
         let drained = self
             .serial
             .drained_event()
@@ -446,7 +446,7 @@ impl Vm {
             }
             let mut fds = vec![
                 pollfd(self.exit.eventfd().as_raw_fd()),
-                pollfd(signals.fd.as_raw_fd()),
+                pollfd(signals.fd()),
                 pollfd(if stdin_open && !stdin_paused {
                     libc::STDIN_FILENO
                 } else {
@@ -457,6 +457,7 @@ impl Vm {
                 } else {
                     -1
                 }),
+                pollfd(events.inbox.map_or(-1, Inbox::fd)),
             ];
             let (watches, next_recovery) = {
                 let devices = self.devices();
@@ -481,6 +482,9 @@ impl Vm {
                     continue;
                 }
                 return Err(VmError::Io("wait for events", e));
+            }
+            if fds[4].revents != 0 {
+                self.serve_commands(events);
             }
             if fds[1].revents != 0 {
                 if let Some(signo) = signals.read() {
@@ -510,7 +514,7 @@ impl Vm {
                 let _ = drained.read();
                 stdin_paused = false;
             }
-            for (pfd, &(_, _, watch)) in fds[4..].iter().zip(&watches) {
+            for (pfd, &(_, _, watch)) in fds[5..].iter().zip(&watches) {
                 if pfd.revents != 0 {
                     self.devices().on_event(watch);
                 }
@@ -520,6 +524,52 @@ impl Vm {
             for serial in due {
                 self.hotplug.recover(serial);
             }
+        }
+    }
+}
+
+impl Vm {
+    /// The API's commands while the VM runs: those that stop it are answered once it has
+    /// stopped (by whoever ran it), the others at once.
+    fn serve_commands(&self, events: &MainEvents) {
+        let Some(inbox) = events.inbox else {
+            return;
+        };
+        while let Some((command, reply)) = inbox.next() {
+            let stop = match command {
+                Command::Create(_) => {
+                    let _ = reply.send(Err(Refusal::new(409, "a VM is already created")));
+                    continue;
+                }
+                Command::Boot => {
+                    let _ = reply.send(Err(Refusal::new(405, "the VM is already running")));
+                    continue;
+                }
+                Command::Shutdown => ApiStop::Shutdown,
+                Command::Delete => ApiStop::Delete,
+                Command::ShutdownVmm => ApiStop::Vmm,
+            };
+            self.exit.request(ExitReason::Api(stop));
+            events.stopping.borrow_mut().push(reply);
+        }
+    }
+}
+
+/// What the main thread waits on besides the VM: the termination signals, and the API's
+/// commands if there is an API.
+pub struct MainEvents<'a> {
+    pub signals: &'a SignalFd,
+    pub inbox: Option<&'a Inbox>,
+    /// Replies to the commands that stopped the VM, sent once it has stopped.
+    pub stopping: std::cell::RefCell<Vec<crate::lifecycle::Reply>>,
+}
+
+impl<'a> MainEvents<'a> {
+    pub fn new(signals: &'a SignalFd, inbox: Option<&'a Inbox>) -> Self {
+        MainEvents {
+            signals,
+            inbox,
+            stopping: Default::default(),
         }
     }
 }
@@ -556,50 +606,6 @@ fn boot_error(cfg: &VmConfig, e: BootError) -> crate::Error {
         .into(),
         BootError::CmdlineTooLong { len, max } => ConfigError::CmdlineTooLong { len, max }.into(),
         e @ BootError::Memory(_) => VmError::Boot(e).into(),
-    }
-}
-
-/// Termination signals, blocked for the whole process and read from a signalfd.
-struct SignalFd {
-    fd: OwnedFd,
-}
-
-impl SignalFd {
-    fn new(signals: &[libc::c_int]) -> io::Result<Self> {
-        // SAFETY: sigset manipulation on a zeroed local, then pthread_sigmask/signalfd with
-        // valid pointers; results checked.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for s in signals {
-                libc::sigaddset(&mut set, *s);
-            }
-            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            if rc != 0 {
-                return Err(io::Error::from_raw_os_error(rc));
-            }
-            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(SignalFd {
-                fd: OwnedFd::from_raw_fd(fd),
-            })
-        }
-    }
-
-    fn read(&self) -> Option<i32> {
-        // SAFETY: reading one signalfd_siginfo into a zeroed buffer of exactly its size.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                &mut info as *mut _ as *mut libc::c_void,
-                size,
-            )
-        };
-        (n == size as isize).then_some(info.ssi_signo as i32)
     }
 }
 

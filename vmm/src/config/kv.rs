@@ -50,6 +50,16 @@ pub fn parse<'a>(
     Ok(pairs)
 }
 
+/// `s` as `(key, value)` pairs, unchecked (for showing a value that was checked already);
+/// an item without `=` is left out.
+pub fn split(s: &str) -> Vec<(&str, &str)> {
+    split_items(s)
+        .into_iter()
+        .filter_map(|item| item.split_once('='))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect()
+}
+
 /// `s` split at the commas outside brackets.
 fn split_items(s: &str) -> Vec<&str> {
     let mut items = Vec::new();

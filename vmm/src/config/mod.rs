@@ -38,9 +38,10 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 #[command(name = "cloister", version, about, long_about)]
 pub struct Cli {
     /// Guest kernel: an uncompressed ELF vmlinux with a PVH entry note (CONFIG_PVH=y), or a
-    /// bzImage. The format is detected from the file's contents.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    /// bzImage. The format is detected from the file's contents. Required unless
+    /// --api-socket is given: then cloister waits for the API's vm.create and vm.boot.
+    #[arg(long, value_name = "PATH", required_unless_present = "api_socket")]
+    pub kernel: Option<PathBuf>,
 
     /// Initramfs (cpio archive, optionally compressed) handed to the kernel as its initrd.
     #[arg(long, value_name = "PATH")]
@@ -133,6 +134,12 @@ pub struct Cli {
     /// reset; 0: never. (Not in Cloud Hypervisor, which gives up on a lost backend at once.)
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub backend_restarts: u32,
+
+    /// Cloud Hypervisor's REST API (HTTP/1.1 under /api/v1/) on a Unix socket: "path=PATH"
+    /// (or a bare PATH) creates it, mode 0600; "fd=N" serves a socket already bound and
+    /// listening that cloister inherited. See docs/api.yaml for the endpoints served.
+    #[arg(long, value_name = "path=PATH|fd=N")]
+    pub api_socket: Option<String>,
 }
 
 /// A user error: names the option and the value, and says what is wrong.
@@ -168,6 +175,10 @@ pub enum ConfigError {
         #[source]
         source: io::Error,
     },
+    #[error("no kernel: --kernel PATH (or the API's payload.kernel) is required")]
+    NoKernel,
+    #[error("--api-socket {value}: {why}")]
+    ApiSocket { value: String, why: String },
     #[error("--kernel {}", path.display())]
     Kernel {
         path: PathBuf,
@@ -254,8 +265,9 @@ impl VmConfig {
             return Err(ConfigError::CmdlineNul);
         }
         let devices = parse_devices(cli)?;
+        let kernel = cli.kernel.clone().ok_or(ConfigError::NoKernel)?;
         Ok(VmConfig {
-            kernel: cli.kernel.clone(),
+            kernel,
             initramfs: cli.initramfs.clone(),
             cmdline: cli.cmdline.clone(),
             cpus,

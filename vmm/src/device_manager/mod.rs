@@ -160,6 +160,18 @@ pub struct DeviceInfo {
     pub address: String,
 }
 
+/// A device as the control plane reports it.
+#[derive(Clone, Debug)]
+pub struct DeviceStatus {
+    pub info: DeviceInfo,
+    /// The option that made it (`--disk`) and its value, as given.
+    pub option: &'static str,
+    pub value: String,
+    /// Backends lost, and found again, since it was plugged.
+    pub losses: u64,
+    pub recoveries: u64,
+}
+
 pub struct DeviceManager {
     devices: Vec<Device>,
     /// `--backend-restarts`: quick losses in a row after which a backend is given up.
@@ -657,6 +669,20 @@ impl DeviceManager {
         for d in &self.devices {
             d.disconnect();
         }
+    }
+
+    /// Every device, in the order they were added.
+    pub fn status(&self) -> Vec<DeviceStatus> {
+        self.devices
+            .iter()
+            .map(|d| DeviceStatus {
+                info: info(d),
+                option: d.spec.option,
+                value: d.spec.value.clone(),
+                losses: d.losses,
+                recoveries: d.recoveries,
+            })
+            .collect()
     }
 
     /// Stops the managed backends (SIGTERM, then SIGKILL) and the spawner, drops every device

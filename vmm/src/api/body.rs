@@ -1,0 +1,775 @@
+//! Cloud Hypervisor's JSON bodies (`VmConfig`, `DiskConfig`, `NetConfig`, …) turned into
+//! cloister's command-line option values, so that one parser checks both and an option means
+//! the same whichever way it came.
+//!
+//! Cloud Hypervisor's clients (`ch-remote`, Kata's generated client) send every field of a
+//! config, most at their defaults. A field cloister does not support is accepted when it
+//! holds Cloud Hypervisor's default (or null) and refused by name otherwise; a field Cloud
+//! Hypervisor does not know is refused too, so a typo never passes silently.
+
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+use thiserror::Error;
+
+use crate::config::{Cli, DEFAULT_CMDLINE};
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BodyError {
+    #[error("the body is not JSON: {0}")]
+    NotJson(String),
+    #[error("{at}: expected {expected}")]
+    Type { at: String, expected: &'static str },
+    #[error("{at}: unknown field")]
+    Unknown { at: String },
+    #[error("{at}: not supported by cloister (accepted only as {default})")]
+    Unsupported { at: String, default: &'static str },
+    #[error("{at}: required")]
+    Missing { at: String },
+    #[error("{at}: {why}")]
+    Invalid { at: String, why: String },
+}
+
+/// What a field of Cloud Hypervisor's that cloister does not support must hold.
+#[derive(Clone, Copy)]
+enum Default {
+    /// Absent, null, or empty (`[]`, `{}`, `""`).
+    Absent,
+    False,
+    True,
+    Zero,
+    /// This string (or absent).
+    Str(&'static str),
+}
+
+impl Default {
+    fn holds(self, v: &Value) -> bool {
+        let absent = match v {
+            Value::Null => true,
+            Value::Array(a) => a.is_empty(),
+            Value::Object(o) => o.is_empty(),
+            Value::String(s) => s.is_empty(),
+            _ => false,
+        };
+        absent
+            || match self {
+                Default::Absent => false,
+                Default::False => v == &Value::Bool(false),
+                Default::True => v == &Value::Bool(true),
+                Default::Zero => v.as_u64() == Some(0),
+                Default::Str(s) => v.as_str() == Some(s),
+            }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Default::Absent => "null",
+            Default::False => "false",
+            Default::True => "true",
+            Default::Zero => "0",
+            Default::Str(s) => s,
+        }
+    }
+}
+
+/// How one field of a device's config becomes part of the option's value.
+#[derive(Clone, Copy)]
+enum Rule {
+    /// A string, as `key=value`.
+    Str(&'static str),
+    /// A non-negative integer, as `key=N`.
+    Int(&'static str),
+    /// A boolean, as `key=on|off`.
+    Switch(&'static str),
+    /// Not cloister's: must hold this default.
+    Unsupported(Default),
+    /// Handled by the kind's own code.
+    Special,
+}
+
+/// The `key=value,…` option value, built field by field.
+#[derive(Default)]
+struct OptionValue {
+    parts: Vec<String>,
+}
+
+impl OptionValue {
+    fn push(&mut self, at: &str, key: &str, value: &str) -> Result<(), BodyError> {
+        // The option syntax separates keys with commas and has no quoting.
+        if value.contains(',') {
+            return Err(BodyError::Invalid {
+                at: at.to_string(),
+                why: "contains a comma, which cloister's option syntax cannot carry".into(),
+            });
+        }
+        self.parts.push(format!("{key}={value}"));
+        Ok(())
+    }
+
+    fn finish(self) -> String {
+        self.parts.join(",")
+    }
+}
+
+fn object<'a>(v: &'a Value, at: &str) -> Result<&'a Map<String, Value>, BodyError> {
+    v.as_object().ok_or_else(|| BodyError::Type {
+        at: at.to_string(),
+        expected: "an object",
+    })
+}
+
+fn string<'a>(v: &'a Value, at: &str) -> Result<&'a str, BodyError> {
+    v.as_str().ok_or_else(|| BodyError::Type {
+        at: at.to_string(),
+        expected: "a string",
+    })
+}
+
+fn integer(v: &Value, at: &str) -> Result<u64, BodyError> {
+    v.as_u64().ok_or_else(|| BodyError::Type {
+        at: at.to_string(),
+        expected: "a non-negative integer",
+    })
+}
+
+fn boolean(v: &Value, at: &str) -> Result<bool, BodyError> {
+    v.as_bool().ok_or_else(|| BodyError::Type {
+        at: at.to_string(),
+        expected: "true or false",
+    })
+}
+
+/// Applies `rules`, in their order, to the fields of `o`; fields under [`Rule::Special`] are
+/// left to the caller.
+fn translate(
+    o: &Map<String, Value>,
+    at: &str,
+    rules: &[(&str, Rule)],
+    out: &mut OptionValue,
+) -> Result<(), BodyError> {
+    if let Some(name) = o.keys().find(|k| !rules.iter().any(|(n, _)| n == k)) {
+        return Err(BodyError::Unknown {
+            at: format!("{at}.{name}"),
+        });
+    }
+    for &(name, rule) in rules {
+        let Some(v) = field(o, name) else {
+            continue;
+        };
+        let here = format!("{at}.{name}");
+        match rule {
+            Rule::Str(key) => out.push(&here, key, string(v, &here)?)?,
+            Rule::Int(key) => out.push(&here, key, &integer(v, &here)?.to_string())?,
+            Rule::Switch(key) => {
+                out.push(&here, key, if boolean(v, &here)? { "on" } else { "off" })?
+            }
+            Rule::Unsupported(default) => {
+                if !default.holds(v) {
+                    return Err(BodyError::Unsupported {
+                        at: here,
+                        default: default.describe(),
+                    });
+                }
+            }
+            Rule::Special => {}
+        }
+    }
+    Ok(())
+}
+
+fn field<'a>(o: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    o.get(name).filter(|v| !v.is_null())
+}
+
+/// `vhost_user` and `vhost_socket`: a backend someone else runs, at `socket=`.
+fn vhost_socket(
+    o: &Map<String, Value>,
+    at: &str,
+    out: &mut OptionValue,
+) -> Result<bool, BodyError> {
+    let vhost_user = match field(o, "vhost_user") {
+        Some(v) => boolean(v, &format!("{at}.vhost_user"))?,
+        None => false,
+    };
+    match field(o, "vhost_socket") {
+        Some(v) => {
+            let here = format!("{at}.vhost_socket");
+            out.push(&here, "socket", string(v, &here)?)?;
+            Ok(true)
+        }
+        None if vhost_user => Err(BodyError::Missing {
+            at: format!("{at}.vhost_socket"),
+        }),
+        None => Ok(false),
+    }
+}
+
+const PCI_PLACEMENT: [(&str, Rule); 2] = [
+    ("pci_segment", Rule::Unsupported(Default::Zero)),
+    ("pci_device_id", Rule::Unsupported(Default::Absent)),
+];
+
+/// A `DiskConfig` as `--disk`'s value.
+pub fn disk(v: &Value, at: &str) -> Result<String, BodyError> {
+    let o = object(v, at)?;
+    let mut out = OptionValue::default();
+    let rules = [
+        ("path", Rule::Str("path")),
+        ("readonly", Rule::Switch("readonly")),
+        ("direct", Rule::Switch("direct")),
+        ("num_queues", Rule::Int("num_queues")),
+        ("queue_size", Rule::Int("queue_size")),
+        ("id", Rule::Str("id")),
+        ("serial", Rule::Str("serial")),
+        ("vhost_user", Rule::Special),
+        ("vhost_socket", Rule::Special),
+        ("iommu", Rule::Unsupported(Default::False)),
+        ("rate_limiter_config", Rule::Unsupported(Default::Absent)),
+        ("rate_limit_group", Rule::Unsupported(Default::Absent)),
+        ("queue_affinity", Rule::Unsupported(Default::Absent)),
+        ("backing_files", Rule::Unsupported(Default::False)),
+        ("sparse", Rule::Unsupported(Default::True)),
+        ("image_type", Rule::Unsupported(Default::Str("Raw"))),
+        (
+            "lock_granularity",
+            Rule::Unsupported(Default::Str("ByteRange")),
+        ),
+        PCI_PLACEMENT[0],
+        PCI_PLACEMENT[1],
+    ];
+    translate(o, at, &rules, &mut out)?;
+    if vhost_socket(o, at, &mut out)? && field(o, "path").is_some() {
+        return Err(BodyError::Invalid {
+            at: at.to_string(),
+            why: "path and vhost_socket together: give one".into(),
+        });
+    }
+    Ok(out.finish())
+}
+
+/// A `NetConfig` as `--net`'s value. Tap descriptors (`fds`) are not taken yet.
+pub fn net(v: &Value, at: &str) -> Result<String, BodyError> {
+    let o = object(v, at)?;
+    let mut out = OptionValue::default();
+    let rules = [
+        ("tap", Rule::Str("tap")),
+        ("ip", Rule::Str("ip")),
+        ("mask", Rule::Str("mask")),
+        ("mac", Rule::Str("mac")),
+        ("host_mac", Rule::Str("host_mac")),
+        ("mtu", Rule::Int("mtu")),
+        ("num_queues", Rule::Int("num_queues")),
+        ("queue_size", Rule::Int("queue_size")),
+        ("id", Rule::Str("id")),
+        ("offload_tso", Rule::Switch("offload_tso")),
+        ("offload_ufo", Rule::Switch("offload_ufo")),
+        ("offload_csum", Rule::Switch("offload_csum")),
+        ("vhost_user", Rule::Special),
+        ("vhost_socket", Rule::Special),
+        ("vhost_mode", Rule::Special),
+        ("fds", Rule::Unsupported(Default::Absent)),
+        ("iommu", Rule::Unsupported(Default::False)),
+        ("rate_limiter_config", Rule::Unsupported(Default::Absent)),
+        PCI_PLACEMENT[0],
+        PCI_PLACEMENT[1],
+    ];
+    translate(o, at, &rules, &mut out)?;
+    let socket = vhost_socket(o, at, &mut out)?;
+    if let Some(v) = field(o, "vhost_mode") {
+        let here = format!("{at}.vhost_mode");
+        let mode = string(v, &here)?.to_ascii_lowercase();
+        if mode != "client" && mode != "server" {
+            return Err(BodyError::Invalid {
+                at: here,
+                why: "expected Client or Server".into(),
+            });
+        }
+        if socket {
+            out.push(&here, "vhost_mode", &mode)?;
+        }
+    }
+    Ok(out.finish())
+}
+
+/// An `FsConfig` as `--fs`'s value.
+pub fn fs(v: &Value, at: &str) -> Result<String, BodyError> {
+    let o = object(v, at)?;
+    let mut out = OptionValue::default();
+    let rules = [
+        ("tag", Rule::Str("tag")),
+        ("socket", Rule::Str("socket")),
+        ("num_queues", Rule::Int("num_queues")),
+        ("queue_size", Rule::Int("queue_size")),
+        ("id", Rule::Str("id")),
+        PCI_PLACEMENT[0],
+        PCI_PLACEMENT[1],
+    ];
+    translate(o, at, &rules, &mut out)?;
+    Ok(out.finish())
+}
+
+/// A `VsockConfig` as `--vsock`'s value.
+pub fn vsock(v: &Value, at: &str) -> Result<String, BodyError> {
+    let o = object(v, at)?;
+    let mut out = OptionValue::default();
+    let rules = [
+        ("cid", Rule::Int("cid")),
+        ("socket", Rule::Str("socket")),
+        ("id", Rule::Str("id")),
+        ("iommu", Rule::Unsupported(Default::False)),
+        PCI_PLACEMENT[0],
+        PCI_PLACEMENT[1],
+    ];
+    translate(o, at, &rules, &mut out)?;
+    Ok(out.finish())
+}
+
+/// An `RngConfig` as `--rng`'s value.
+pub fn rng(v: &Value, at: &str) -> Result<String, BodyError> {
+    let o = object(v, at)?;
+    let mut out = OptionValue::default();
+    let rules = [
+        ("src", Rule::Str("src")),
+        ("id", Rule::Str("id")),
+        ("iommu", Rule::Unsupported(Default::False)),
+        PCI_PLACEMENT[0],
+        PCI_PLACEMENT[1],
+    ];
+    translate(o, at, &rules, &mut out)?;
+    Ok(out.finish())
+}
+
+/// A `GenericVhostUserConfig` as `--generic-vhost-user`'s value.
+pub fn generic_vhost_user(v: &Value, at: &str) -> Result<String, BodyError> {
+    let o = object(v, at)?;
+    let mut out = OptionValue::default();
+    let rules = [
+        ("socket", Rule::Str("socket")),
+        ("device_type", Rule::Int("device_type")),
+        ("id", Rule::Str("id")),
+        ("queue_sizes", Rule::Special),
+        PCI_PLACEMENT[0],
+        PCI_PLACEMENT[1],
+    ];
+    translate(o, at, &rules, &mut out)?;
+    if let Some(v) = field(o, "queue_sizes") {
+        let here = format!("{at}.queue_sizes");
+        let sizes = v.as_array().ok_or_else(|| BodyError::Type {
+            at: here.clone(),
+            expected: "an array of integers",
+        })?;
+        let sizes = sizes
+            .iter()
+            .map(|s| integer(s, &here).map(|n| n.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Brackets keep the list's commas inside one value for the option parser.
+        out.parts.push(format!("queue_sizes=[{}]", sizes.join(",")));
+    }
+    Ok(out.finish())
+}
+
+/// The parts of the `cloister` command line a `VmConfig` does not set.
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessOptions {
+    pub seccomp: cloister_seccomp::SeccompMode,
+    pub backend_restarts: u32,
+}
+
+/// A `VmConfig` (`vm.create`'s body) as the command line that would ask for the same VM.
+pub fn vm_config(body: &[u8], process: &ProcessOptions) -> Result<Cli, BodyError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
+    let o = object(&v, "VmConfig")?;
+    let mut cli = Cli {
+        kernel: None,
+        initramfs: None,
+        cmdline: DEFAULT_CMDLINE.to_string(),
+        cpus: "boot=1".into(),
+        memory: "size=512M".into(),
+        // Cloud Hypervisor's default serial port is "Null".
+        serial: "off".into(),
+        disk: Vec::new(),
+        net: Vec::new(),
+        fs: Vec::new(),
+        rng: None,
+        vsock: None,
+        generic_vhost_user: Vec::new(),
+        seccomp: process.seccomp,
+        backend_restarts: process.backend_restarts,
+        api_socket: None,
+    };
+    for (name, v) in o {
+        let at = format!("VmConfig.{name}");
+        if v.is_null() {
+            continue;
+        }
+        match name.as_str() {
+            "payload" => payload(v, &at, &mut cli)?,
+            "cpus" => cli.cpus = cpus(v, &at)?,
+            "memory" => cli.memory = memory(v, &at)?,
+            "serial" => cli.serial = serial(v, &at)?,
+            "console" => console(v, &at)?,
+            "disks" => cli.disk = each(v, &at, disk)?,
+            "net" => cli.net = each(v, &at, net)?,
+            "fs" => cli.fs = each(v, &at, fs)?,
+            "generic_vhost_user" => cli.generic_vhost_user = each(v, &at, generic_vhost_user)?,
+            "rng" => {
+                // Cloud Hypervisor always has an rng device (default /dev/urandom); cloister
+                // adds one when asked. Its default src asks for nothing in particular.
+                cli.rng = Some(rng(v, &at)?);
+            }
+            "vsock" => cli.vsock = Some(vsock(v, &at)?),
+            "iommu" | "watchdog" | "landlock_enable" => {
+                if !Default::False.holds(v) {
+                    return Err(BodyError::Unsupported {
+                        at,
+                        default: "false",
+                    });
+                }
+            }
+            // Cloister always has a pvpanic device: either value describes it.
+            "pvpanic" => {
+                boolean(v, &at)?;
+            }
+            "debug_console" => {
+                let mode = object(v, &at)?.get("mode").and_then(Value::as_str);
+                if !matches!(mode, None | Some("Off")) {
+                    return Err(BodyError::Unsupported {
+                        at: format!("{at}.mode"),
+                        default: "Off",
+                    });
+                }
+            }
+            "rate_limit_groups" | "balloon" | "pmem" | "devices" | "user_devices" | "vdpa"
+            | "numa" | "rtc" | "pci_segments" | "platform" | "tpm" | "landlock_rules"
+            | "sgx_epc" => {
+                if !Default::Absent.holds(v) {
+                    return Err(BodyError::Unsupported {
+                        at,
+                        default: "null",
+                    });
+                }
+            }
+            _ => return Err(BodyError::Unknown { at }),
+        }
+    }
+    if cli.kernel.is_none() {
+        return Err(BodyError::Missing {
+            at: "VmConfig.payload.kernel".into(),
+        });
+    }
+    Ok(cli)
+}
+
+fn each(
+    v: &Value,
+    at: &str,
+    one: fn(&Value, &str) -> Result<String, BodyError>,
+) -> Result<Vec<String>, BodyError> {
+    let items = v.as_array().ok_or_else(|| BodyError::Type {
+        at: at.to_string(),
+        expected: "an array",
+    })?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| one(item, &format!("{at}[{i}]")))
+        .collect()
+}
+
+fn payload(v: &Value, at: &str, cli: &mut Cli) -> Result<(), BodyError> {
+    for (name, v) in object(v, at)? {
+        let here = format!("{at}.{name}");
+        if v.is_null() {
+            continue;
+        }
+        match name.as_str() {
+            "kernel" => cli.kernel = Some(PathBuf::from(string(v, &here)?)),
+            "initramfs" => cli.initramfs = Some(PathBuf::from(string(v, &here)?)),
+            "cmdline" => cli.cmdline = string(v, &here)?.to_string(),
+            "firmware" | "igvm" | "host_data" => {
+                if !Default::Absent.holds(v) {
+                    return Err(BodyError::Unsupported {
+                        at: here,
+                        default: "null (cloister boots a kernel directly)",
+                    });
+                }
+            }
+            _ => return Err(BodyError::Unknown { at: here }),
+        }
+    }
+    Ok(())
+}
+
+fn cpus(v: &Value, at: &str) -> Result<String, BodyError> {
+    let o = object(v, at)?;
+    let boot = match field(o, "boot_vcpus") {
+        Some(v) => integer(v, &format!("{at}.boot_vcpus"))?,
+        None => 1,
+    };
+    for (name, v) in o {
+        let here = format!("{at}.{name}");
+        let default = match name.as_str() {
+            "boot_vcpus" => continue,
+            "max_vcpus" => {
+                if !v.is_null() && integer(v, &here)? != boot {
+                    return Err(BodyError::Unsupported {
+                        at: here,
+                        default: "boot_vcpus (no vCPU hot-plug yet)",
+                    });
+                }
+                continue;
+            }
+            "kvm_hyperv" => Default::False,
+            "nested" => Default::True,
+            "core_scheduling" => Default::Str("Vm"),
+            // The host's own physical address width is what the guest gets.
+            "max_phys_bits" => continue,
+            "topology" | "affinity" => Default::Absent,
+            "features" => {
+                let amx = object(v, &here)?.get("amx").cloned().unwrap_or(Value::Null);
+                if !Default::False.holds(&amx) {
+                    return Err(BodyError::Unsupported {
+                        at: format!("{here}.amx"),
+                        default: "false",
+                    });
+                }
+                continue;
+            }
+            _ => return Err(BodyError::Unknown { at: here }),
+        };
+        if !default.holds(v) {
+            return Err(BodyError::Unsupported {
+                at: here,
+                default: default.describe(),
+            });
+        }
+    }
+    Ok(format!("boot={boot}"))
+}
+
+fn memory(v: &Value, at: &str) -> Result<String, BodyError> {
+    let o = object(v, at)?;
+    let size = field(o, "size")
+        .ok_or_else(|| BodyError::Missing {
+            at: format!("{at}.size"),
+        })
+        .and_then(|v| integer(v, &format!("{at}.size")))?;
+    for (name, v) in o {
+        let here = format!("{at}.{name}");
+        let default = match name.as_str() {
+            "size" => continue,
+            // Guest RAM is always shared memory (vhost-user backends map it): either value.
+            "shared" => {
+                boolean(v, &here)?;
+                continue;
+            }
+            "mergeable" | "hugepages" | "prefault" | "reserve" => Default::False,
+            "thp" => Default::True,
+            "hotplug_method" => Default::Str("Acpi"),
+            "hotplug_size" | "hotplugged_size" => Default::Zero,
+            "hugepage_size" | "zones" => Default::Absent,
+            _ => return Err(BodyError::Unknown { at: here }),
+        };
+        if !default.holds(v) {
+            return Err(BodyError::Unsupported {
+                at: here,
+                default: default.describe(),
+            });
+        }
+    }
+    Ok(format!("size={size}"))
+}
+
+/// The guest's serial port: Tty, Off or Null, or File with `file`.
+fn serial(v: &Value, at: &str) -> Result<String, BodyError> {
+    let o = object(v, at)?;
+    let mode = field(o, "mode")
+        .ok_or_else(|| BodyError::Missing {
+            at: format!("{at}.mode"),
+        })
+        .and_then(|v| string(v, &format!("{at}.mode")))?;
+    for name in o.keys() {
+        if ![
+            "mode",
+            "file",
+            "socket",
+            "iommu",
+            "id",
+            "pci_segment",
+            "pci_device_id",
+        ]
+        .contains(&name.as_str())
+        {
+            return Err(BodyError::Unknown {
+                at: format!("{at}.{name}"),
+            });
+        }
+    }
+    match mode {
+        "Tty" => Ok("tty".into()),
+        "Off" | "Null" => Ok("off".into()),
+        "File" => {
+            let here = format!("{at}.file");
+            let file = field(o, "file")
+                .ok_or(BodyError::Missing { at: here.clone() })
+                .and_then(|v| string(v, &here))?;
+            Ok(format!("file={file}"))
+        }
+        _ => Err(BodyError::Unsupported {
+            at: format!("{at}.mode"),
+            default: "Tty, Off, Null or File",
+        }),
+    }
+}
+
+/// Cloister has no virtio-console: Cloud Hypervisor's default (`Tty`) and the modes that
+/// ask for nothing are accepted and mean no console device.
+fn console(v: &Value, at: &str) -> Result<(), BodyError> {
+    let o = object(v, at)?;
+    match o.get("mode").and_then(Value::as_str) {
+        None | Some("Tty" | "Off" | "Null") => Ok(()),
+        Some(_) => Err(BodyError::Unsupported {
+            at: format!("{at}.mode"),
+            default: "Tty, Off or Null (no virtio-console: the guest's console is its serial port)",
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn process() -> ProcessOptions {
+        ProcessOptions {
+            seccomp: cloister_seccomp::SeccompMode::True,
+            backend_restarts: 100,
+        }
+    }
+
+    /// A disk as `ch-remote add-disk` sends it: every field, most at their defaults.
+    #[test]
+    fn a_disk_with_every_field_at_its_default() {
+        let v = json!({
+            "path": "/img/a.raw", "readonly": false, "direct": true, "iommu": false,
+            "num_queues": 1, "queue_size": 128, "vhost_user": false, "vhost_socket": null,
+            "rate_limiter_config": null, "pci_segment": 0, "id": "d0", "serial": null,
+            "rate_limit_group": null, "queue_affinity": null, "backing_files": false,
+            "sparse": true, "image_type": "Raw"
+        });
+        assert_eq!(
+            disk(&v, "disk").unwrap(),
+            "path=/img/a.raw,readonly=off,direct=on,num_queues=1,queue_size=128,id=d0"
+        );
+    }
+
+    #[test]
+    fn an_unsupported_field_off_its_default_is_named() {
+        let e = disk(&json!({"path": "/a", "iommu": true}), "disk").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "disk.iommu: not supported by cloister (accepted only as false)"
+        );
+        let e = disk(&json!({"path": "/a", "pathh": 1}), "disk").unwrap_err();
+        assert_eq!(e.to_string(), "disk.pathh: unknown field");
+        let e = disk(&json!({"path": 3}), "disk").unwrap_err();
+        assert_eq!(e.to_string(), "disk.path: expected a string");
+        let e = disk(&json!({"path": "/a,b"}), "disk").unwrap_err();
+        assert!(e.to_string().contains("comma"));
+        let e = disk(&json!({"vhost_user": true}), "disk").unwrap_err();
+        assert_eq!(e.to_string(), "disk.vhost_socket: required");
+    }
+
+    #[test]
+    fn vhost_user_devices() {
+        assert_eq!(
+            disk(
+                &json!({"vhost_user": true, "vhost_socket": "/run/b.sock"}),
+                "d"
+            )
+            .unwrap(),
+            "socket=/run/b.sock"
+        );
+        assert_eq!(
+            net(
+                &json!({"vhost_user": true, "vhost_socket": "/run/n.sock", "vhost_mode": "Server",
+                        "num_queues": 2, "queue_size": 256, "offload_tso": true}),
+                "n"
+            )
+            .unwrap(),
+            "num_queues=2,queue_size=256,offload_tso=on,socket=/run/n.sock,vhost_mode=server"
+        );
+        assert_eq!(
+            generic_vhost_user(
+                &json!({"socket": "/s", "device_type": 26, "queue_sizes": [256, 256]}),
+                "g"
+            )
+            .unwrap(),
+            "socket=/s,device_type=26,queue_sizes=[256,256]"
+        );
+        let e = net(&json!({"tap": "t0", "fds": [3]}), "n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "n.fds: not supported by cloister (accepted only as null)"
+        );
+    }
+
+    #[test]
+    fn a_vm_config_as_kata_sends_it() {
+        let body = json!({
+            "payload": {"kernel": "/k", "cmdline": "console=ttyS0 quiet", "initramfs": null,
+                        "firmware": null},
+            "cpus": {"boot_vcpus": 2, "max_vcpus": 2, "kvm_hyperv": false, "max_phys_bits": 46,
+                     "topology": null, "affinity": null, "features": {"amx": false}},
+            "memory": {"size": 1073741824u64, "shared": true, "hugepages": false,
+                       "mergeable": false, "hotplug_method": "Acpi", "thp": true,
+                       "prefault": false, "zones": null},
+            "disks": [{"path": "/d.img", "readonly": true}],
+            "net": [{"tap": "tap0", "mac": "52:54:00:00:00:01", "num_queues": 2}],
+            "rng": {"src": "/dev/urandom", "iommu": false},
+            "serial": {"mode": "File", "file": "/tmp/console.log"},
+            "console": {"mode": "Tty", "iommu": false},
+            "iommu": false, "watchdog": false, "pvpanic": false, "numa": null, "platform": null
+        });
+        let cli = vm_config(body.to_string().as_bytes(), &process()).unwrap();
+        assert_eq!(cli.kernel, Some(PathBuf::from("/k")));
+        assert_eq!(cli.cmdline, "console=ttyS0 quiet");
+        assert_eq!(cli.cpus, "boot=2");
+        assert_eq!(cli.memory, "size=1073741824");
+        assert_eq!(cli.disk, ["path=/d.img,readonly=on"]);
+        assert_eq!(cli.net, ["tap=tap0,mac=52:54:00:00:00:01,num_queues=2"]);
+        assert_eq!(cli.rng.as_deref(), Some("src=/dev/urandom"));
+        assert_eq!(cli.serial, "file=/tmp/console.log");
+    }
+
+    #[test]
+    fn vm_config_errors_name_the_field() {
+        let e = |v: Value| {
+            vm_config(v.to_string().as_bytes(), &process())
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(e(json!({})), "VmConfig.payload.kernel: required");
+        assert_eq!(
+            e(json!({"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 1, "max_vcpus": 4}})),
+            "VmConfig.cpus.max_vcpus: not supported by cloister (accepted only as boot_vcpus \
+             (no vCPU hot-plug yet))"
+        );
+        assert_eq!(
+            e(json!({"payload": {"kernel": "/k"}, "memory": {"size": 1, "hugepages": true}})),
+            "VmConfig.memory.hugepages: not supported by cloister (accepted only as false)"
+        );
+        assert_eq!(
+            e(json!({"payload": {"kernel": "/k"}, "balloon": {"size": 1}})),
+            "VmConfig.balloon: not supported by cloister (accepted only as null)"
+        );
+        assert_eq!(
+            e(json!({"payload": {"kernel": "/k"}, "x": 1})),
+            "VmConfig.x: unknown field"
+        );
+        assert!(vm_config(b"{", &process())
+            .unwrap_err()
+            .to_string()
+            .starts_with("the body is not JSON"));
+    }
+}
