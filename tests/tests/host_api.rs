@@ -366,3 +366,99 @@ fn a_wrong_api_socket_is_named() {
     assert!(run.stderr.contains("not a socket"), "{}", run.stderr);
     assert_eq!(std::fs::read(&plain).unwrap(), b"mine");
 }
+
+/// `cloister-remote`, built next to cloister.
+fn remote_bin() -> PathBuf {
+    let cloister = payload::cloister_bin();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args([
+        "build",
+        "--quiet",
+        "-p",
+        "cloister",
+        "--bin",
+        "cloister-remote",
+    ]);
+    if cloister.parent().and_then(Path::file_name) == Some("release".as_ref()) {
+        build.arg("--release");
+    }
+    assert!(build.status().expect("run cargo").success());
+    cloister.with_file_name("cloister-remote")
+}
+
+/// `cloister-remote --api-socket SOCKET args…`: (exit code, stdout, stderr).
+fn remote(socket: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(remote_bin())
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cloister-remote");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cloister_remote_speaks_ch_remotes_verbs() {
+    if !ready("cloister_remote_speaks_ch_remotes_verbs") {
+        return;
+    }
+    let dir = fresh_dir("api-remote");
+    let kernel = payload::write(Payload::Hang, &dir).expect("payload");
+    let root = image(&dir, "root.img");
+    let hot = image(&dir, "hot.img");
+    let config = dir.join("vm.json");
+    std::fs::write(&config, vm_config(&kernel, &root).to_string()).unwrap();
+    let mut vmm = Vmm::start(&dir, &[]);
+    let socket = vmm.socket.clone();
+    let ok = |args: &[&str]| {
+        let (code, out, err) = remote(&socket, args);
+        assert_eq!(code, 0, "cloister-remote {args:?}: {err}");
+        out
+    };
+    let ping: Value = serde_json::from_str(&ok(&["ping"])).unwrap();
+    assert_eq!(ping["pid"], json!(vmm.child.id()));
+    ok(&["create", config.to_str().unwrap()]);
+    ok(&["boot"]);
+    let added: Value = serde_json::from_str(&ok(&[
+        "add-disk",
+        &format!("path={hot},readonly=on,id=hot"),
+    ]))
+    .unwrap();
+    assert_eq!(added["id"], "hot");
+    let info: Value = serde_json::from_str(&ok(&["info"])).unwrap();
+    assert_eq!(info["state"], "Running");
+    assert_eq!(
+        info["config"]["disks"][1]["readonly"],
+        json!(true),
+        "{info}"
+    );
+    let counters: Value = serde_json::from_str(&ok(&["counters"])).unwrap();
+    assert!(counters.get("hot").is_some(), "{counters}");
+    ok(&["remove-device", "hot"]);
+    let (code, _, err) = remote(&socket, &["remove-device", "hot"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("vm.remove-device: HTTP 404: no device with id 'hot'"),
+        "{err}"
+    );
+    let (code, _, err) = remote(&socket, &["add-disk", "path=/x,iommu=on"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("HTTP 400"), "{err}");
+    let (code, _, err) = remote(&socket, &["pause"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("HTTP 501: vm.pause is not implemented"),
+        "{err}"
+    );
+    ok(&["shutdown-vmm"]);
+    assert_eq!(vmm.wait_exit(), 0, "{}", vmm.log());
+    let (code, _, err) = remote(&socket, &["ping"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot connect to"), "{err}");
+}

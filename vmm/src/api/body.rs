@@ -635,10 +635,125 @@ fn console(v: &Value, at: &str) -> Result<(), BodyError> {
     }
 }
 
+/// An option's `key=value,…` (`option` being `--disk`, `--net`, …) as Cloud Hypervisor's
+/// JSON: its field names where they differ, numbers and booleans as such. The reverse of
+/// [`disk`], [`net`] and the others, for showing a configuration and for `cloister-remote`.
+pub fn option_json(option: &str, value: &str) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (key, v) in crate::config::kv::split(value) {
+        let v = match key {
+            // A disk's or a NIC's backend someone else runs.
+            "socket" if option == "--disk" || option == "--net" => {
+                out.insert("vhost_user".into(), Value::Bool(true));
+                out.insert("vhost_socket".into(), Value::String(v.into()));
+                continue;
+            }
+            "vhost_user" => continue,
+            "vhost_mode" => {
+                let mut mode = v.to_ascii_lowercase();
+                if let Some(first) = mode.get_mut(..1) {
+                    first.make_ascii_uppercase();
+                }
+                Value::String(mode)
+            }
+            "readonly" | "direct" | "offload_tso" | "offload_ufo" | "offload_csum" => {
+                Value::Bool(matches!(v, "on" | "true"))
+            }
+            "num_queues" | "queue_size" | "mtu" | "cid" | "device_type" => v
+                .parse::<u64>()
+                .map(Value::from)
+                .unwrap_or_else(|_| Value::String(v.into())),
+            "queue_sizes" => {
+                let list = crate::config::kv::list(v);
+                Value::Array(
+                    list.iter()
+                        .map(|n| {
+                            n.parse::<u64>()
+                                .map(Value::from)
+                                .unwrap_or_else(|_| Value::String(n.to_string()))
+                        })
+                        .collect(),
+                )
+            }
+            _ => Value::String(v.into()),
+        };
+        out.insert(key.to_string(), v);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn options_read_as_cloud_hypervisor_fields() {
+        let disk = option_json("--disk", "path=/a.img,readonly=on,num_queues=2");
+        assert_eq!(
+            Value::Object(disk),
+            json!({"path": "/a.img", "readonly": true, "num_queues": 2})
+        );
+        let net = option_json(
+            "--net",
+            "vhost_user=true,socket=/run/n.sock,vhost_mode=server",
+        );
+        assert_eq!(
+            Value::Object(net),
+            json!({"vhost_user": true, "vhost_socket": "/run/n.sock", "vhost_mode": "Server"})
+        );
+        let fs = option_json("--fs", "tag=share,socket=/run/fs.sock");
+        assert_eq!(
+            Value::Object(fs),
+            json!({"tag": "share", "socket": "/run/fs.sock"})
+        );
+        let generic = option_json(
+            "--generic-vhost-user",
+            "socket=/s,device_type=26,queue_sizes=[256,128]",
+        );
+        assert_eq!(
+            Value::Object(generic),
+            json!({"socket": "/s", "device_type": 26, "queue_sizes": [256, 128]})
+        );
+    }
+
+    /// What the command line says and what the API is sent mean the same.
+    #[test]
+    fn an_option_survives_the_round_trip() {
+        for (option, value, back) in [
+            (
+                "--disk",
+                "path=/a.img,readonly=on,direct=off,id=d",
+                disk as fn(&Value, &str) -> _,
+            ),
+            ("--disk", "socket=/run/b.sock,num_queues=2", disk),
+            (
+                "--net",
+                "tap=t0,mac=52:54:00:00:00:01,num_queues=4,offload_tso=off",
+                net,
+            ),
+            ("--net", "socket=/run/n.sock,vhost_mode=server", net),
+            ("--fs", "tag=share,socket=/run/fs.sock,num_queues=1", fs),
+            ("--vsock", "cid=3,socket=/run/v.sock", vsock),
+            (
+                "--generic-vhost-user",
+                "socket=/s,device_type=26,queue_sizes=[256,256]",
+                generic_vhost_user,
+            ),
+        ] {
+            let json = Value::Object(option_json(option, value));
+            let sorted = |v: &str| {
+                let mut parts = crate::config::kv::split(v);
+                parts.sort();
+                parts
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+            };
+            let again = back(&json, "x").unwrap();
+            assert_eq!(sorted(&again), sorted(value), "{option} {value}: {json}");
+        }
+    }
 
     fn process() -> ProcessOptions {
         ProcessOptions {

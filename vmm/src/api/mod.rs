@@ -6,6 +6,7 @@
 //! `docs/api.yaml` describes what it serves.
 
 pub mod body;
+pub mod client;
 pub mod http;
 pub mod routes;
 

@@ -296,7 +296,7 @@ fn config_json(config: &VmConfig, running: Option<&[DeviceStatus]>) -> Value {
             "--vsock" => ("vsock", false),
             _ => continue,
         };
-        let mut device = option_json(&value);
+        let mut device = body::option_json(option, &value);
         if let Some(id) = id {
             device.insert("id".into(), json!(id));
         }
@@ -314,52 +314,9 @@ fn config_json(config: &VmConfig, running: Option<&[DeviceStatus]>) -> Value {
     out
 }
 
-/// An option's `key=value,…` as JSON, in Cloud Hypervisor's field names where they differ.
-fn option_json(value: &str) -> Map<String, Value> {
-    let mut out = Map::new();
-    for (key, v) in crate::config::kv::split(value) {
-        let v = match key {
-            "socket" if !value.contains("tag=") && !value.contains("cid=") => {
-                out.insert("vhost_user".into(), json!(true));
-                out.insert("vhost_socket".into(), json!(v));
-                continue;
-            }
-            "readonly" | "direct" | "offload_tso" | "offload_ufo" | "offload_csum" => {
-                json!(matches!(v, "on" | "true"))
-            }
-            "num_queues" | "queue_size" | "mtu" | "cid" | "device_type" => v
-                .parse::<u64>()
-                .map(|n| json!(n))
-                .unwrap_or_else(|_| json!(v)),
-            _ => json!(v),
-        };
-        out.insert(key.to_string(), v);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn options_read_as_cloud_hypervisor_fields() {
-        let disk = option_json("path=/a.img,readonly=on,num_queues=2");
-        assert_eq!(
-            Value::Object(disk),
-            json!({"path": "/a.img", "readonly": true, "num_queues": 2})
-        );
-        let net = option_json("socket=/run/n.sock,vhost_mode=server");
-        assert_eq!(
-            Value::Object(net),
-            json!({"vhost_user": true, "vhost_socket": "/run/n.sock", "vhost_mode": "server"})
-        );
-        let fs = option_json("tag=share,socket=/run/fs.sock");
-        assert_eq!(
-            Value::Object(fs),
-            json!({"tag": "share", "socket": "/run/fs.sock"})
-        );
-    }
 
     /// docs/api.yaml lists exactly the endpoints served, with their methods.
     #[test]
