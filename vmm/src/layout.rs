@@ -64,6 +64,11 @@ pub const PCI_ECAM_BUS_SIZE: u64 = 0x10_0000;
 pub const VIRTIO_MMIO_START: u64 = 0xf000_0000;
 pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x200;
+/// The ACPI hot-plug registers ([`crate::devices::acpi_hotplug`]), after the virtio-mmio
+/// slots.
+pub const ACPI_HOTPLUG_START: u64 = 0xf001_0000;
+/// The Generic Event Device's interrupt: an ISA pin nothing else uses (COM1 has 4).
+pub const ACPI_GED_GSI: u32 = 5;
 /// GSIs 16-23 are the IOAPIC pins no ISA device uses.
 pub const VIRTIO_MMIO_GSI_BASE: u32 = 16;
 pub const VIRTIO_MMIO_SLOTS: u32 = 8;

@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device_manager::hotplug::Hotplug;
 use crate::device_manager::DeviceManager;
+use crate::devices::acpi_hotplug::AcpiHotplug;
 use crate::VmConfig;
 
 /// Cloud Hypervisor's `VmState`.
@@ -49,6 +50,8 @@ pub struct Shared {
 pub struct RunningVm {
     pub devices: Arc<Mutex<DeviceManager>>,
     pub hotplug: Hotplug,
+    /// The guest's ACPI events (the power button).
+    pub acpi: Arc<AcpiHotplug>,
 }
 
 /// A request the main thread must serve.

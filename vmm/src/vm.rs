@@ -22,6 +22,7 @@ use crate::cpu::{cpuid, msrs, Vcpu, VcpuContext, VcpuError};
 use crate::device_manager::hotplug::{self, Hotplug};
 use crate::device_manager::placement::{Placement, PlacementError};
 use crate::device_manager::{Buses, DeviceManager, DeviceManagerError};
+use crate::devices::acpi_hotplug::{self, AcpiHotplug};
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_PORT, ACPI_PM_PORT_LEN};
 use crate::devices::console_output::{self, ConsoleWriter};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
@@ -32,8 +33,8 @@ pub use crate::exit::ExitReason;
 use crate::exit::{ApiStop, ExitLatch};
 use crate::irqchip::{self, IrqchipError};
 use crate::layout::{
-    RamLayout, KVM_IDENTITY_MAP_START, KVM_TSS_START, PCI_ECAM_BUS_SIZE, PCI_ECAM_START,
-    PCI_MMIO_SIZE, PCI_MMIO_START,
+    RamLayout, ACPI_GED_GSI, ACPI_HOTPLUG_START, KVM_IDENTITY_MAP_START, KVM_TSS_START,
+    PCI_ECAM_BUS_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START,
 };
 use crate::lifecycle::{Command, Inbox, Refusal, RunningVm};
 use crate::memory::{GuestRam, MemoryError};
@@ -100,6 +101,8 @@ pub struct Vm {
     devices: Arc<Mutex<DeviceManager>>,
     /// Adds and removes devices while the VM runs.
     hotplug: Hotplug,
+    /// Tells the guest of devices added and to be removed, and of the power button.
+    acpi_hotplug: Arc<AcpiHotplug>,
     seccomp: cloister_seccomp::SeccompMode,
 }
 
@@ -272,7 +275,16 @@ impl Vm {
         // this thread, which may remove the runtime directory).
         let rules = devices.landlock_rules();
         let devices = Arc::new(Mutex::new(devices));
-        let hotplug = hotplug::start(devices.clone(), rules)
+        let ged_irq =
+            EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Io("create an eventfd", e))?;
+        vm_fd
+            .register_irqfd(&ged_irq, ACPI_GED_GSI)
+            .map_err(|e| VmError::Kvm("register the ACPI event interrupt's irqfd", e))?;
+        let acpi_hotplug = Arc::new(AcpiHotplug::new(ged_irq));
+        mmio_bus
+            .insert(acpi_hotplug.clone(), ACPI_HOTPLUG_START, acpi_hotplug::LEN)
+            .map_err(VmError::from)?;
+        let hotplug = hotplug::start(devices.clone(), rules, acpi_hotplug.clone())
             .map_err(|e| VmError::Io("start the hot-plug thread", e))?;
 
         Ok(Vm {
@@ -288,6 +300,7 @@ impl Vm {
             console_input: cfg.serial == SerialConfig::Tty,
             devices,
             hotplug,
+            acpi_hotplug,
             seccomp: cfg.seccomp,
         })
     }
@@ -307,6 +320,7 @@ impl Vm {
         RunningVm {
             devices: self.devices.clone(),
             hotplug: self.hotplug.clone(),
+            acpi: self.acpi_hotplug.clone(),
         }
     }
 
@@ -580,6 +594,7 @@ impl Drop for Vm {
     /// remove files or reap processes.
     fn drop(&mut self) {
         self.devices().shutdown();
+        self.acpi_hotplug.clear_eject_sink();
     }
 }
 

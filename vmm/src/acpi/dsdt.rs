@@ -48,6 +48,7 @@ pub fn build(platform: &Platform) -> Vec<u8> {
     pvpanic.to_aml_bytes(&mut aml);
 
     pci::append_host_bridge(&mut aml, platform.pci_mmio64);
+    super::hotplug::append_devices(&mut aml);
     for (n, slot) in platform.virtio_mmio.iter().enumerate() {
         append_virtio_mmio(&mut aml, n, slot);
     }

@@ -6,6 +6,7 @@
 
 pub mod dsdt;
 pub mod fadt;
+pub mod hotplug;
 pub mod madt;
 pub mod pci;
 

@@ -3,8 +3,9 @@
 //! `\_SB_.PCI0` (PNP0A08, compatible with PNP0A03) decodes bus 0, the 0xCF8-0xCFF
 //! configuration ports and both MMIO windows; `\_SB_.MRES` (PNP0C02) reserves the ECAM area as
 //! a motherboard resource, which Linux requires before it uses MCFG (it also accepts an e820
-//! reservation: see [`crate::boot::e820`]). No `_OSC`: the guest keeps its defaults, and we
-//! have no hot-plug, AER or PME for it to take over. No `_PRT`: devices use MSI-X only.
+//! reservation: see [`crate::boot::e820`]). No `_OSC`: the guest keeps its defaults, so it
+//! does not take PCIe native hot-plug (there is none) and uses ACPI's, through the slot
+//! objects of [`super::hotplug`]. No `_PRT`: devices use MSI-X only.
 
 use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, Device, EISAName, Memory32Fixed, Name, Path,
@@ -60,7 +61,8 @@ pub fn append_host_bridge(aml: &mut Vec<u8>, mmio64: (u64, u64)) {
         .iter()
         .map(|(n, v)| Name::new(Path::new(n), *v))
         .collect();
-    let refs: Vec<&dyn Aml> = names.iter().map(|n| n as &dyn Aml).collect();
+    let mut refs: Vec<&dyn Aml> = names.iter().map(|n| n as &dyn Aml).collect();
+    refs.push(&super::hotplug::SlotObjects);
     Device::new(Path::new("_SB_.PCI0"), refs).to_aml_bytes(aml);
 
     let ecam = Memory32Fixed::new(true, PCI_ECAM_START as u32, PCI_ECAM_BUS_SIZE as u32);

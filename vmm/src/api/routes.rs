@@ -29,6 +29,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("vm.add-vsock", "PUT"),
     ("vm.add-generic-vhost-user", "PUT"),
     ("vm.remove-device", "PUT"),
+    ("vm.power-button", "PUT"),
 ];
 
 /// Cloud Hypervisor's endpoints cloister does not serve (yet): answered 501, by name, rather
@@ -38,7 +39,6 @@ pub const NOT_SERVED: &[&str] = &[
     "vm.pause",
     "vm.resume",
     "vm.reboot",
-    "vm.power-button",
     "vm.resize",
     "vm.resize-disk",
     "vm.resize-zone",
@@ -119,6 +119,10 @@ impl Routes {
                 kinds::generic::parse,
             ),
             "vm.remove-device" => self.remove(&body),
+            "vm.power-button" => self.running().map(|r| {
+                r.acpi.power_button();
+                Response::empty(204)
+            }),
             _ => Err(Refusal::new(500, format!("{endpoint} has no handler"))),
         };
         (result.unwrap_or_else(refused), false)
@@ -241,7 +245,7 @@ impl Routes {
             .get("id")
             .and_then(Value::as_str)
             .ok_or_else(|| Refusal::new(400, "VmRemoveDevice.id: required, a string"))?;
-        running.hotplug.remove(id).map_err(device_refusal)?;
+        running.hotplug.request_eject(id).map_err(device_refusal)?;
         Ok(Response::empty(204))
     }
 }
@@ -249,6 +253,7 @@ impl Routes {
 fn device_refusal(e: DeviceManagerError) -> Refusal {
     let status = match &e {
         DeviceManagerError::NoSuchDevice(_) => 404,
+        DeviceManagerError::MmioRemoval(_) => 405,
         DeviceManagerError::DuplicateId(_) | DeviceManagerError::DuplicateKey(_) => 409,
         _ => 500,
     };

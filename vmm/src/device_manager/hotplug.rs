@@ -16,6 +16,7 @@ use cloister_seccomp::ThreadRole;
 
 use super::{plug, DeviceInfo, DeviceManager, DeviceManagerError};
 use crate::config::device::TransportKind;
+use crate::devices::acpi_hotplug::AcpiHotplug;
 use crate::kinds::DeviceSpec;
 use crate::vhost_user::{connection, Connection, ConnectionError};
 
@@ -25,6 +26,11 @@ enum Request {
         Sender<Result<DeviceInfo, DeviceManagerError>>,
     ),
     Remove(String, Sender<Result<(), DeviceManagerError>>),
+    /// Ask the guest to let go of device `id` (ACPI eject request); it goes when the guest
+    /// ejects it.
+    AskEject(String, Sender<Result<(), DeviceManagerError>>),
+    /// The guest has ejected the device in this PCI slot.
+    Ejected(u8),
     /// Seek device `serial`'s lost backend again (one attempt).
     Recover(u64),
 }
@@ -51,8 +57,25 @@ impl Hotplug {
         let _ = self.requests.send(Request::Recover(serial));
     }
 
-    /// Removes device `id`, stopping its queues and its managed backend, and giving back its
-    /// slot, BAR, vectors and socket.
+    /// Asks the guest, through ACPI, to let go of device `id` and eject it; returns once the
+    /// request is made. The device goes when the guest ejects it (Cloud Hypervisor's and
+    /// QEMU's way: a guest still using a device is not pulled from under).
+    pub fn request_eject(&self, id: &str) -> Result<(), DeviceManagerError> {
+        let (tx, rx) = mpsc::channel();
+        self.requests
+            .send(Request::AskEject(id.to_string(), tx))
+            .map_err(|_| DeviceManagerError::Closed)?;
+        rx.recv().unwrap_or(Err(DeviceManagerError::Closed))
+    }
+
+    /// The guest has ejected the device in `slot`: takes it out. Returns at once (a vCPU
+    /// thread calls this).
+    pub fn ejected(&self, slot: u8) {
+        let _ = self.requests.send(Request::Ejected(slot));
+    }
+
+    /// Removes device `id` at once, stopping its queues and its managed backend, and giving
+    /// back its slot, BAR, vectors and socket.
     pub fn remove(&self, id: &str) -> Result<(), DeviceManagerError> {
         let (tx, rx) = mpsc::channel();
         self.requests
@@ -68,12 +91,27 @@ fn lock(m: &Mutex<DeviceManager>) -> MutexGuard<'_, DeviceManager> {
 
 /// Starts the hot-plug thread for `manager`; it confines itself with `rules` (the runtime
 /// directory and the operator sockets' directories) and serves until every handle is gone.
-pub fn start(manager: Arc<Mutex<DeviceManager>>, rules: Rules) -> std::io::Result<Hotplug> {
+/// `guest` tells the guest of devices added and devices to eject, and hands back the slots it
+/// ejects.
+pub fn start(
+    manager: Arc<Mutex<DeviceManager>>,
+    rules: Rules,
+    guest: Arc<AcpiHotplug>,
+) -> std::io::Result<Hotplug> {
     let (tx, rx) = mpsc::channel();
+    let handle = Hotplug {
+        requests: tx.clone(),
+    };
+    // The sink holds a handle, so it keeps this thread's channel open: the VM clears it when
+    // it goes (`AcpiHotplug::clear_eject_sink`), and the thread ends.
+    let sink = Mutex::new(handle.clone());
+    guest.set_eject_sink(Box::new(move |slot| {
+        sink.lock().unwrap_or_else(|e| e.into_inner()).ejected(slot)
+    }));
     crate::signals::spawn_helper(
         std::thread::Builder::new().name("hotplug".into()),
         move || match cloister_seccomp::enter(ThreadRole::VmmHotplug, &rules) {
-            Ok(_) => serve(&manager, rx),
+            Ok(_) => serve(&manager, &guest, rx),
             Err(e) => {
                 eprintln!(
                     "cloister: warning: devices cannot be added or removed: the hot-plug \
@@ -83,17 +121,47 @@ pub fn start(manager: Arc<Mutex<DeviceManager>>, rules: Rules) -> std::io::Resul
             }
         },
     )?;
-    Ok(Hotplug { requests: tx })
+    drop(tx);
+    Ok(handle)
 }
 
-fn serve(manager: &Mutex<DeviceManager>, requests: Receiver<Request>) {
+fn serve(manager: &Mutex<DeviceManager>, guest: &AcpiHotplug, requests: Receiver<Request>) {
     while let Ok(r) = requests.recv() {
         match r {
             Request::Add(spec, reply) => {
-                let _ = reply.send(add(manager, *spec));
+                let added = add(manager, *spec);
+                if let Ok(info) = &added {
+                    if let Ok(Some(slot)) = lock(manager).pci_slot(&info.id) {
+                        guest.device_added(slot);
+                    }
+                }
+                let _ = reply.send(added);
             }
             Request::Remove(id, reply) => {
                 let _ = reply.send(remove(manager, &id));
+            }
+            Request::AskEject(id, reply) => {
+                let slot = lock(manager).pci_slot(&id);
+                let _ = reply.send(match slot {
+                    Ok(Some(slot)) => {
+                        guest.eject_requested(slot);
+                        Ok(())
+                    }
+                    Ok(None) => Err(DeviceManagerError::MmioRemoval(id)),
+                    Err(e) => Err(e),
+                });
+            }
+            Request::Ejected(slot) => {
+                let id = lock(manager).in_pci_slot(slot);
+                if let Some(id) = id {
+                    match remove(manager, &id) {
+                        Ok(()) => eprintln!("cloister: {id}: ejected by the guest; removed"),
+                        Err(e) => eprintln!(
+                            "cloister: {id}: ejected by the guest, but cannot be removed: {}",
+                            crate::error_chain(&e)
+                        ),
+                    }
+                }
             }
             Request::Recover(serial) => recover(manager, serial),
         }

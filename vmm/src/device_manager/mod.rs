@@ -75,6 +75,8 @@ pub enum DeviceManagerError {
     NoSuchDevice(String),
     #[error("{0}: virtio-mmio devices are described to the guest at boot; only PCI devices can be added to a running VM")]
     MmioAtRunTime(String),
+    #[error("{0}: a virtio-mmio device is described to the guest at boot and cannot be removed from a running VM")]
+    MmioRemoval(String),
     #[error("{0}: cloister listens for a backend (vhost_mode=server) only at start-up: its sandbox has no rule for a socket directory named later")]
     ListenAtRunTime(String),
     #[error("the VM is stopping")]
@@ -669,6 +671,29 @@ impl DeviceManager {
         for d in &self.devices {
             d.disconnect();
         }
+    }
+
+    /// The PCI slot of device `id` (an error for an unknown id, `None` on virtio-mmio).
+    pub fn pci_slot(&self, id: &str) -> Result<Option<u8>, DeviceManagerError> {
+        let d = self
+            .devices
+            .iter()
+            .find(|d| d.id == id)
+            .ok_or_else(|| DeviceManagerError::NoSuchDevice(id.to_string()))?;
+        Ok(match d.plugged.as_ref().map(|p| &p.place) {
+            Some(Place::Pci { slot, .. }) => Some(*slot),
+            _ => None,
+        })
+    }
+
+    /// The id of the device in PCI slot `slot`, if any.
+    pub fn in_pci_slot(&self, slot: u8) -> Option<String> {
+        self.devices
+            .iter()
+            .find(|d| {
+                matches!(d.plugged.as_ref().map(|p| &p.place), Some(Place::Pci { slot: s, .. }) if *s == slot)
+            })
+            .map(|d| d.id.clone())
     }
 
     /// Every device, in the order they were added.

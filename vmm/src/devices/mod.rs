@@ -1,5 +1,6 @@
 //! Platform devices and the buses vCPU exits are dispatched on.
 
+pub mod acpi_hotplug;
 pub mod acpi_pm;
 pub mod bus;
 pub mod console_output;
