@@ -263,7 +263,7 @@ build_lab() {
 # ---------------------------------------------------------------------------------------------
 # L2: the test guest.
 guest_modules=(virtio_pci virtio_mmio virtio_blk virtio_net virtio_console virtiofs fuse
-    pvpanic_mmio ext4 virtio-rng vmw_vsock_virtio_transport)
+    pvpanic_mmio ext4 virtio-rng vmw_vsock_virtio_transport button evdev)
 
 build_guest() {
     local key dir tmp root

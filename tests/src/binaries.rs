@@ -7,6 +7,7 @@ use crate::HarnessError;
 /// The binaries a scenario may use; only `cloister` is required.
 pub const PROJECT_BINARIES: &[&str] = &[
     "cloister",
+    "cloister-remote",
     "vhost-user-blk",
     "vhost-user-net",
     "boot-timer",

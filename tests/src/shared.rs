@@ -39,7 +39,8 @@ impl SharedRun {
 
     fn try_run(&self) -> Result<&LabRun, String> {
         let run = self.run.get_or_init(|| {
-            lab::run(self.name, &(self.scenarios)(), &(self.options)()).map_err(|e| error_chain(&e))
+            lab::run(self.name, &selected((self.scenarios)()), &(self.options)())
+                .map_err(|e| error_chain(&e))
         });
         run.as_ref()
             .map_err(|e| format!("lab run {} failed: {e}", self.name))
@@ -133,6 +134,20 @@ pub const LAB_RETRIES: usize = 2;
 fn attempt(outcome: &ScenarioOutcome, checks: &impl Fn(&ScenarioOutcome)) -> Result<(), String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| checks(outcome)))
         .map_err(|cause| panic_text(cause.as_ref()))
+}
+
+/// `CLOISTER_SCENARIOS=a,b` runs only those scenarios (a developer's shortcut: the tests of
+/// the others then fail, saying their scenario never started).
+fn selected(all: Vec<Scenario>) -> Vec<Scenario> {
+    match std::env::var("CLOISTER_SCENARIOS") {
+        Ok(names) if !names.is_empty() => {
+            let names: Vec<&str> = names.split(',').collect();
+            all.into_iter()
+                .filter(|s| names.contains(&s.name()))
+                .collect()
+        }
+        _ => all,
+    }
 }
 
 fn panic_text(cause: &(dyn std::any::Any + Send)) -> String {

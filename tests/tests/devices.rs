@@ -242,6 +242,40 @@ fn scenarios() -> Vec<Scenario> {
             rm -rf "$a"
             "#,
         ),
+        scenario(
+            "api-hotplug",
+            r#"
+            # The orchestrator's way: cloister with an API socket, a disk hot-plugged by path
+            # while the guest runs (the guest scans the slot ACPI names), then removed (the
+            # guest lets go and ejects it), then the power button.
+            api="$RESULTS_DIR/api.sock"
+            remote() { "$BIN_DIR/cloister-remote" --api-socket "$api" "$@"; }
+            truncate -s 64M "$RESULTS_DIR/hot.img"
+            cloister_bg "$RESULTS_DIR/vm.log" hotplug --api-socket "$api"
+            if wait_for "$RESULTS_DIR/console.log" "CLOISTER-HOTPLUG ready" 1200; then
+                remote add-disk "path=$RESULTS_DIR/hot.img,id=hot" >"$RESULTS_DIR/add.json"
+                mark add.rc $?
+                mark add.reply "$(tr -d ' \n' <"$RESULTS_DIR/add.json")"
+            fi
+            if wait_for "$RESULTS_DIR/console.log" "CLOISTER-HOTPLUG added=" 1200; then
+                mark host.sum "$(dd if="$RESULTS_DIR/hot.img" bs=1M count=2 2>/dev/null                     | sha256sum | cut -d' ' -f1)"
+                remote remove-device hot
+                mark remove.rc $?
+            fi
+            if wait_for "$RESULTS_DIR/vm.log" "ejected by the guest; removed" 1200; then
+                mark ejected yes
+                remote info | grep -q '"hot"' || mark gone yes
+            fi
+            if wait_for "$RESULTS_DIR/console.log" "CLOISTER-HOTPLUG button-ready" 600; then
+                remote power-button
+                mark button.rc $?
+            fi
+            wait_vm_exit 1200
+            echo "--- cloister ---"; cat "$RESULTS_DIR/vm.log"
+            echo "--- guest ---"; cat "$RESULTS_DIR/console.log"
+            rm -f "$RESULTS_DIR/hot.img"
+            "#,
+        ),
     ]
 }
 
@@ -389,5 +423,34 @@ fn a_share_whose_daemon_dies_is_reported() {
             .expect_mark("vm.rc", "143")
             .expect_console("backend exited with signal 9 (SIGKILL)")
             .expect_no_console("panicked");
+    });
+}
+
+/// A disk added through the API appears in the stock guest (ACPI hot-plug: acpiphp scans the
+/// slot the GED event names), takes data that lands in its image, and goes when removed (the
+/// guest ejects it and cloister takes it out); the power button reaches the guest's driver.
+#[test]
+fn an_api_hot_plugged_disk_appears_works_and_is_ejected() {
+    LAB.check("api-hotplug", |o| {
+        o.expect_mark("add.rc", "0")
+            .expect_mark("remove.rc", "0")
+            .expect_mark("ejected", "yes")
+            .expect_mark("gone", "yes")
+            .expect_mark("button.rc", "0")
+            .expect_mark("vm.rc", "0")
+            .expect_console("CLOISTER-HOTPLUG removed=vda")
+            .expect_console("CLOISTER-HOTPLUG button=pressed")
+            .expect_console("CLOISTER-GUEST-RESULT test=hotplug rc=0")
+            .expect_no_console("panicked");
+        let reply = o.mark("add.reply").unwrap_or_default();
+        if !reply.contains("\"id\":\"hot\"") || !reply.contains("\"bdf\":\"0000:00:") {
+            o.fail(&format!("add-disk replied {reply}"));
+        }
+        let added = "CLOISTER-HOTPLUG added=vda ";
+        let written = field(o, added, "written");
+        expect_field(o, added, "read", written);
+        if o.mark("host.sum") != Some(written) {
+            o.fail("the image on the host lacks what the guest wrote to the hot-plugged disk");
+        }
     });
 }
