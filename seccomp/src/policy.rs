@@ -240,7 +240,9 @@ fn ior<T>(nr: u64) -> u64 {
 /// The KVM ioctls a running VM needs, by name, for the policies and their tests.
 pub mod kvm {
     use super::{io, ior, iow};
-    use kvm_bindings::{kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_regs, kvm_sregs};
+    use kvm_bindings::{
+        kvm_clock_data, kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_regs, kvm_sregs,
+    };
 
     pub fn run() -> u64 {
         io(0x80)
@@ -259,6 +261,12 @@ pub mod kvm {
     }
     pub fn set_gsi_routing() -> u64 {
         iow::<kvm_irq_routing>(0x6a)
+    }
+    pub fn set_clock() -> u64 {
+        iow::<kvm_clock_data>(0x7b)
+    }
+    pub fn get_clock() -> u64 {
+        ior::<kvm_clock_data>(0x7c)
     }
 }
 
@@ -376,6 +384,7 @@ fn vmm_main() -> Vec<Rule> {
         allow_values(SYS_ioctl, 1, &[TCGETS, TCSETS], "restores the terminal's settings when the VM ends"),
         allow_values(SYS_ioctl, 1, &[kvm::ioeventfd(), kvm::irqfd(), kvm::set_gsi_routing()], "devices are unwired from KVM as they are dropped"),
         allow_values(SYS_tgkill, 2, &[kick], "kicks the vCPU threads out of KVM_RUN with the kick signal, and nothing else"),
+        allow_values(SYS_ioctl, 1, &[kvm::get_clock(), kvm::set_clock()], "keeps the guest's clock across a pause"),
         allow(SYS_getpid, "glibc's pthread_kill asks for the pid it passes to tgkill"),
         allow(SYS_shutdown, "ends the backend connections when the VM stops, and one that went bad"),
         allow_if(SYS_openat, vec![has_bits(2, O_DIRECTORY as u64)], "opens the runtime directory to remove it at exit: directories only (O_DIRECTORY), and Landlock limits them to that one"),

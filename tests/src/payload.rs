@@ -83,7 +83,14 @@ pub enum Payload {
     /// [`FLOOD_PAGES`] pages of console output, 4 KiB per `rep outsb` (one exit each), then
     /// [`MARKER_FLOOD_DONE`] and poweroff.
     Flood,
+    /// Prints [`MARKER_SPIN`], then adds 1 to the dword at [`SPIN_COUNTER`] for ever: a vCPU
+    /// that is always running, and a guest whose memory always changes.
+    Spin,
 }
+
+/// Where [`Payload::Spin`] counts (a guest physical address nothing else uses).
+pub const SPIN_COUNTER: u64 = 0x5_0000;
+pub const MARKER_SPIN: &str = "CLOISTER-PAYLOAD-SPIN";
 
 /// How many 4 KiB pages of `x`s [`Payload::Flood`] writes.
 /// More than cloister's console buffer (256 KiB) and a pipe's (64 KiB) together, and quick
@@ -506,6 +513,14 @@ fn segments(kind: Payload) -> (Vec<u8>, Option<Vec<u8>>) {
             a.print(missing, "missing_loop", "missing_done");
             a.label("off");
             a.power_off();
+        }
+        Payload::Spin => {
+            let msg = d.line(MARKER_SPIN);
+            a.print(msg, "loop", "done");
+            a.label("spin");
+            a.emit(&[0xff, 0x05]); // inc dword [disp32]
+            a.imm32(SPIN_COUNTER as u32);
+            a.jmp("spin");
         }
         Payload::Flood => {
             let mut page = vec![b'x'; 4095];

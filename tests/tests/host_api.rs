@@ -265,7 +265,7 @@ fn wrong_requests_get_named_errors_and_the_vmm_lives_on() {
         (b"GET /api/v1/vm.nothing HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(), 404, "no endpoint"),
         (b"GET /elsewhere HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(), 404, "no endpoint"),
         (b"PUT /api/v1/vmm.ping HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(), 405, "takes GET"),
-        (b"PUT /api/v1/vm.pause HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(), 501, "not implemented"),
+        (b"PUT /api/v1/vm.reboot HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(), 501, "not implemented"),
         (b"\x00\x01garbage\r\n\r\n".to_vec(), 400, "malformed"),
         (
             b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n".to_vec(),
@@ -454,10 +454,16 @@ fn cloister_remote_speaks_ch_remotes_verbs() {
     let (code, _, err) = remote(&socket, &["add-disk", "path=/x,iommu=on"]);
     assert_eq!(code, 1);
     assert!(err.contains("HTTP 400"), "{err}");
-    let (code, _, err) = remote(&socket, &["pause"]);
+    ok(&["pause"]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&ok(&["info"])).unwrap()["state"],
+        "Paused"
+    );
+    ok(&["resume"]);
+    let (code, _, err) = remote(&socket, &["reboot"]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("HTTP 501: vm.pause is not implemented"),
+        err.contains("HTTP 501: vm.reboot is not implemented"),
         "{err}"
     );
     ok(&["shutdown-vmm"]);
@@ -465,4 +471,87 @@ fn cloister_remote_speaks_ch_remotes_verbs() {
     let (code, _, err) = remote(&socket, &["ping"]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot connect to"), "{err}");
+}
+
+/// The dword at guest physical address `gpa` of cloister `pid`'s guest, read through
+/// /proc/PID/mem at the low RAM mapping of its guest-memory memfd; 0 until that exists.
+fn guest_u32(pid: u32, gpa: u64) -> u32 {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    if !maps.contains("cloister-guest-ram") {
+        return 0;
+    }
+    let start = maps
+        .lines()
+        .find(|l| {
+            l.contains("cloister-guest-ram") && l.split_whitespace().nth(2) == Some("00000000")
+        })
+        .and_then(|l| l.split('-').next())
+        .and_then(|a| u64::from_str_radix(a, 16).ok())
+        .unwrap_or_else(|| panic!("no guest RAM mapping in:\n{maps}"));
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open /proc/PID/mem");
+    let mut bytes = [0u8; 4];
+    std::os::unix::fs::FileExt::read_exact_at(&mem, &mut bytes, start + gpa)
+        .expect("read guest memory");
+    u32::from_le_bytes(bytes)
+}
+
+#[test]
+fn a_paused_vm_runs_nothing_and_its_memory_stays_as_it_was() {
+    if !ready("a_paused_vm_runs_nothing_and_its_memory_stays_as_it_was") {
+        return;
+    }
+    let dir = fresh_dir("api-pause");
+    let kernel = payload::write(Payload::Spin, &dir).expect("payload");
+    let root = image(&dir, "root.img");
+    let mut vmm = Vmm::start(
+        &dir,
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--serial",
+            "off",
+            "--cpus",
+            "boot=2",
+            "--disk",
+            &format!("path={root}"),
+        ],
+    );
+    let pid = vmm.child.id();
+    let counter = || guest_u32(pid, payload::SPIN_COUNTER);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the guest never counted: {}",
+            vmm.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vmm.expect("PUT", "vm.resume", None, 405);
+    for round in 0..3 {
+        vmm.expect("PUT", "vm.pause", None, 204);
+        assert_eq!(vmm.json("GET", "vm.info", None)["state"], "Paused");
+        vmm.expect("PUT", "vm.pause", None, 405);
+        let paused = counter();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            counter(),
+            paused,
+            "round {round}: the guest ran while paused"
+        );
+        vmm.expect("PUT", "vm.resume", None, 204);
+        assert_eq!(vmm.json("GET", "vm.info", None)["state"], "Running");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while counter() == paused {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the guest did not resume"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    // Paused, it still stops on request.
+    vmm.expect("PUT", "vm.pause", None, 204);
+    vmm.expect("PUT", "vmm.shutdown", None, 204);
+    assert_eq!(vmm.wait_exit(), 0, "{}", vmm.log());
 }

@@ -3,7 +3,8 @@
 //! [`Shared`], and asks the main thread for everything that changes the state with a
 //! [`Command`], woken through an eventfd, waiting for the reply.
 //!
-//! Created → Running → Shutdown (`vm.shutdown`), and back to nothing with `vm.delete`. A
+//! Created → Running ⇄ Paused → Shutdown (`vm.shutdown`), and back to nothing with
+//! `vm.delete`. A
 //! guest that powers off, reboots or fails ends the process, as Cloud Hypervisor's does.
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -22,6 +23,7 @@ use crate::VmConfig;
 pub enum VmState {
     Created,
     Running,
+    Paused,
     Shutdown,
 }
 
@@ -30,6 +32,7 @@ impl VmState {
         match self {
             VmState::Created => "Created",
             VmState::Running => "Running",
+            VmState::Paused => "Paused",
             VmState::Shutdown => "Shutdown",
         }
     }
@@ -62,6 +65,10 @@ pub enum Command {
     Boot,
     /// `vm.shutdown`.
     Shutdown,
+    /// `vm.pause`: vCPUs parked, rings stopped, the guest's clock kept.
+    Pause,
+    /// `vm.resume`.
+    Resume,
     /// `vm.delete`: shut down if running, and forget the configuration.
     Delete,
     /// `vmm.shutdown`: the VM, if any, then the process.

@@ -251,7 +251,7 @@ impl Owner {
                     _ => ran_already(),
                 })
             }
-            Command::Shutdown => Err(match state {
+            Command::Shutdown | Command::Pause | Command::Resume => Err(match state {
                 None => Refusal::new(404, "no VM is created"),
                 _ => Refusal::new(405, "the VM is not running"),
             }),

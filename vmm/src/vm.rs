@@ -18,6 +18,7 @@ use vmm_sys_util::signal::Killable;
 use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, Initramfs, Kernel};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::cpu::pause::PauseGate;
 use crate::cpu::{cpuid, msrs, Vcpu, VcpuContext, VcpuError};
 use crate::device_manager::hotplug::{self, Hotplug};
 use crate::device_manager::placement::{Placement, PlacementError};
@@ -36,7 +37,7 @@ use crate::layout::{
     RamLayout, ACPI_GED_GSI, ACPI_HOTPLUG_START, KVM_IDENTITY_MAP_START, KVM_TSS_START,
     PCI_ECAM_BUS_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START,
 };
-use crate::lifecycle::{Command, Inbox, Refusal, RunningVm};
+use crate::lifecycle::{Command, Inbox, Refusal, RunningVm, VmState};
 use crate::memory::{GuestRam, MemoryError};
 use crate::pci::bus::{CONFIG_IO_LEN, CONFIG_IO_PORT};
 use crate::pci::{PciConfigIo, PciConfigMmio, PciRoot};
@@ -85,7 +86,7 @@ const CONSOLE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Vm {
     // Kept alive for the VM's lifetime: KVM needs the VM fd, vCPUs need the VM.
     _kvm: Kvm,
-    _vm_fd: Arc<VmFd>,
+    vm_fd: Arc<VmFd>,
     ram: GuestRam,
     vcpus: Vec<Vcpu>,
     io_bus: Arc<Bus>,
@@ -103,6 +104,10 @@ pub struct Vm {
     hotplug: Hotplug,
     /// Tells the guest of devices added and to be removed, and of the power button.
     acpi_hotplug: Arc<AcpiHotplug>,
+    /// Where the vCPUs park while the VM is paused.
+    pause_gate: Arc<PauseGate>,
+    /// Set while paused: the guest's clock when it paused.
+    paused: Option<kvm_bindings::kvm_clock_data>,
     seccomp: cloister_seccomp::SeccompMode,
 }
 
@@ -289,7 +294,7 @@ impl Vm {
 
         Ok(Vm {
             _kvm: kvm,
-            _vm_fd: vm_fd,
+            vm_fd,
             ram,
             vcpus,
             io_bus,
@@ -301,6 +306,8 @@ impl Vm {
             devices,
             hotplug,
             acpi_hotplug,
+            pause_gate: Arc::new(PauseGate::default()),
+            paused: None,
             seccomp: cfg.seccomp,
         })
     }
@@ -350,6 +357,7 @@ impl Vm {
             mmio_bus: self.mmio_bus.clone(),
             exit: self.exit.clone(),
             stop: stop.clone(),
+            pause: self.pause_gate.clone(),
         };
         let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(self.vcpus.len());
         let mut spawn_error = None;
@@ -392,11 +400,12 @@ impl Vm {
         let result = match spawn_error {
             None => self
                 .enter_sandbox()
-                .and_then(|()| self.wait_for_exit(events)),
+                .and_then(|()| self.wait_for_exit(events, &threads)),
             Some(e) => Err(VmError::Io("start a vCPU thread", e)),
         };
 
         stop.store(true, Ordering::Release);
+        self.pause_gate.stop();
         self.devices().disconnect();
         for t in &threads {
             // A thread that already finished is still joinable, so the handle is valid.
@@ -445,7 +454,11 @@ impl Vm {
     /// keeps running; an operator's backend whose rings a new one can take over is sought
     /// again instead, with backoff, on the hot-plug thread. This is
     /// poll(2) rather than epoll: stdin may be a regular file or /dev/null, which epoll refuses.
-    fn wait_for_exit(&mut self, events: &MainEvents) -> Result<ExitReason, VmError> {
+    fn wait_for_exit(
+        &mut self,
+        events: &MainEvents,
+        vcpus: &[JoinHandle<()>],
+    ) -> Result<ExitReason, VmError> {
         let signals = events.signals;
         let drained = self
             .serial
@@ -498,7 +511,7 @@ impl Vm {
                 return Err(VmError::Io("wait for events", e));
             }
             if fds[4].revents != 0 {
-                self.serve_commands(events);
+                self.serve_commands(events, vcpus);
             }
             if fds[1].revents != 0 {
                 if let Some(signo) = signals.read() {
@@ -545,12 +558,28 @@ impl Vm {
 impl Vm {
     /// The API's commands while the VM runs: those that stop it are answered once it has
     /// stopped (by whoever ran it), the others at once.
-    fn serve_commands(&self, events: &MainEvents) {
+    fn serve_commands(&mut self, events: &MainEvents, vcpus: &[JoinHandle<()>]) {
         let Some(inbox) = events.inbox else {
             return;
         };
         while let Some((command, reply)) = inbox.next() {
             let stop = match command {
+                Command::Pause => {
+                    let paused = self.pause(vcpus);
+                    if paused.is_ok() {
+                        inbox.shared().state = Some(VmState::Paused);
+                    }
+                    let _ = reply.send(paused);
+                    continue;
+                }
+                Command::Resume => {
+                    let resumed = self.resume();
+                    if resumed.is_ok() {
+                        inbox.shared().state = Some(VmState::Running);
+                    }
+                    let _ = reply.send(resumed);
+                    continue;
+                }
                 Command::Create(_) => {
                     let _ = reply.send(Err(Refusal::new(409, "a VM is already created")));
                     continue;
@@ -568,6 +597,72 @@ impl Vm {
         }
     }
 }
+
+impl Vm {
+    /// Parks every vCPU, stops every device's rings (the backends finish what they took and
+    /// touch guest memory no more) and keeps the guest's clock, so that it does not jump when
+    /// the VM resumes.
+    fn pause(&mut self, vcpus: &[JoinHandle<()>]) -> Result<(), Refusal> {
+        if self.paused.is_some() {
+            return Err(Refusal::new(405, "the VM is already paused"));
+        }
+        self.pause_gate.request();
+        for t in vcpus {
+            let _ = t.kill(crate::cpu::vcpu::kick_signal());
+        }
+        if !self.pause_gate.wait_parked(vcpus.len(), PAUSE_TIMEOUT) {
+            self.pause_gate.release();
+            return Err(Refusal::new(
+                500,
+                format!(
+                    "the vCPUs did not stop within {} s",
+                    PAUSE_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+        let controls = self.devices().controls();
+        for control in &controls {
+            control.pause();
+        }
+        let clock = match self.vm_fd.get_clock() {
+            Ok(clock) => clock,
+            Err(e) => {
+                for control in &controls {
+                    control.resume();
+                }
+                self.pause_gate.release();
+                return Err(Refusal::new(
+                    500,
+                    format!("cannot read the guest's clock: {e}"),
+                ));
+            }
+        };
+        self.paused = Some(clock);
+        Ok(())
+    }
+
+    /// Undoes [`Vm::pause`]: the clock where it was, the rings where they stopped, the vCPUs
+    /// running.
+    fn resume(&mut self) -> Result<(), Refusal> {
+        let Some(mut clock) = self.paused.take() else {
+            return Err(Refusal::new(405, "the VM is not paused"));
+        };
+        // Only the clock's value: with KVM_CLOCK_REALTIME set, KVM would add the time spent
+        // paused.
+        clock.flags = 0;
+        if let Err(e) = self.vm_fd.set_clock(&clock) {
+            eprintln!("cloister: warning: cannot set the guest's clock back: {e}");
+        }
+        for control in self.devices().controls() {
+            control.resume();
+        }
+        self.pause_gate.release();
+        Ok(())
+    }
+}
+
+/// How long the vCPUs have to leave KVM_RUN when the VM pauses.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the main thread waits on besides the VM: the termination signals, and the API's
 /// commands if there is an API.

@@ -30,14 +30,14 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("vm.add-generic-vhost-user", "PUT"),
     ("vm.remove-device", "PUT"),
     ("vm.power-button", "PUT"),
+    ("vm.pause", "PUT"),
+    ("vm.resume", "PUT"),
 ];
 
 /// Cloud Hypervisor's endpoints cloister does not serve (yet): answered 501, by name, rather
 /// than 404, so that a client can tell a missing feature from a wrong path.
 pub const NOT_SERVED: &[&str] = &[
     "vmm.info",
-    "vm.pause",
-    "vm.resume",
     "vm.reboot",
     "vm.resize",
     "vm.resize-disk",
@@ -100,6 +100,8 @@ impl Routes {
             "vm.create" => self.command(Command::Create(body)),
             "vm.boot" => self.command(Command::Boot),
             "vm.shutdown" => self.command(Command::Shutdown),
+            "vm.pause" => self.command(Command::Pause),
+            "vm.resume" => self.command(Command::Resume),
             "vm.delete" => self.command(Command::Delete),
             "vm.info" => self.info(),
             "vm.counters" => self.counters(),

@@ -39,9 +39,9 @@ enum Verb {
     Delete,
     /// Stops cloister.
     ShutdownVmm,
-    /// Pauses the VM (not served by cloister yet).
+    /// Pauses the VM.
     Pause,
-    /// Resumes the VM (not served by cloister yet).
+    /// Resumes the paused VM.
     Resume,
     /// Reboots the VM (not served by cloister yet).
     Reboot,

@@ -64,6 +64,8 @@ pub struct VcpuContext {
     pub mmio_bus: Arc<Bus>,
     pub exit: Arc<ExitLatch>,
     pub stop: Arc<AtomicBool>,
+    /// Where the vCPU parks while the VM is paused.
+    pub pause: Arc<super::pause::PauseGate>,
 }
 
 pub struct Vcpu {
@@ -242,6 +244,11 @@ impl Vcpu {
         // kvm_run mapping), on return and when a panic unwinds alike.
         let _kick_target = KickTarget::publish(self.fd.get_kvm_run());
         while !ctx.stop.load(Ordering::Acquire) {
+            // A kick (EINTR) brings the vCPU here between runs.
+            if ctx.pause.requested() {
+                ctx.pause.park();
+                continue;
+            }
             if let Some(reason) = self.step(&ctx) {
                 ctx.exit.request(reason);
                 break;

@@ -696,6 +696,14 @@ impl DeviceManager {
             .map(|d| d.id.clone())
     }
 
+    /// Every plugged device's control thread (to stop and restart its rings around a pause).
+    pub fn controls(&self) -> Vec<ControlHandle> {
+        self.devices
+            .iter()
+            .filter_map(|d| d.plugged.as_ref()?.control.clone())
+            .collect()
+    }
+
     /// Every device, in the order they were added.
     pub fn status(&self) -> Vec<DeviceStatus> {
         self.devices

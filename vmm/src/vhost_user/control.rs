@@ -55,6 +55,15 @@ enum Command {
         conn: Box<Connection>,
         done: SyncSender<Result<(), String>>,
     },
+    /// The VM pauses: stop the started rings (the backend finishes what it took) and keep
+    /// where each stopped.
+    Pause {
+        done: SyncSender<()>,
+    },
+    /// The VM resumes: start the rings again where they stopped.
+    Resume {
+        done: SyncSender<()>,
+    },
 }
 
 /// Where a control thread reports what went wrong: the message is kept and the eventfd
@@ -118,6 +127,7 @@ impl Control {
             inflight: None,
             in_order,
             awaiting: false,
+            paused: None,
             failures,
         };
         let thread = crate::signals::spawn_helper(
@@ -187,6 +197,23 @@ pub struct ControlHandle {
 }
 
 impl ControlHandle {
+    /// Stops the running rings for a VM pause, so that the backend touches no guest memory
+    /// until [`ControlHandle::resume`]; waits (each request has its deadline).
+    pub fn pause(&self) {
+        let (done, wait) = mpsc::sync_channel(1);
+        if self.commands.send(Command::Pause { done }).is_ok() {
+            let _ = wait.recv();
+        }
+    }
+
+    /// Starts the rings a pause stopped, where they stopped; waits for the requests.
+    pub fn resume(&self) {
+        let (done, wait) = mpsc::sync_channel(1);
+        if self.commands.send(Command::Resume { done }).is_ok() {
+            let _ = wait.recv();
+        }
+    }
+
     /// The backend is gone and a new one is being sought: the connection is dropped, and the
     /// driver's starts and stops meanwhile are kept for the new backend, not failed.
     pub fn lost_for_now(&self) {
@@ -247,6 +274,9 @@ struct Owner {
     in_order: bool,
     /// The backend is gone and a new one is being sought.
     awaiting: bool,
+    /// The VM is paused: where each ring stopped (empty if none was running, or if the
+    /// backend changed meanwhile: then the rings resume from the used ring).
+    paused: Option<Vec<(usize, u16)>>,
     failures: Arc<Failures>,
 }
 
@@ -285,6 +315,14 @@ impl Owner {
                 Command::Reconnect { conn, done } => {
                     let _ = done.send(self.reconnect(*conn));
                 }
+                Command::Pause { done } => {
+                    self.pause();
+                    let _ = done.send(());
+                }
+                Command::Resume { done } => {
+                    self.resume();
+                    let _ = done.send(());
+                }
                 Command::Quit => break,
             }
         }
@@ -315,6 +353,8 @@ impl Owner {
             // A new backend for running rings gets what the last one recorded; otherwise the
             // backend makes a new, empty region.
             match inflight.as_ref() {
+                // The same backend, resuming: it keeps its region.
+                Some(_) if matches!(base, Base::At(_)) => {}
                 Some(kept) if matches!(base, Base::Used) && conn.tracks_inflight() => {
                     conn.set_inflight(kept)?
                 }
@@ -368,11 +408,64 @@ impl Owner {
         Ok(())
     }
 
+    fn pause(&mut self) {
+        if self.paused.is_some() {
+            return;
+        }
+        let mut bases = Vec::new();
+        if let Some(conn) = self.conn.as_mut() {
+            let started = std::mem::take(&mut self.started);
+            let r = conn.operation("the pause", |conn| {
+                for &q in &started {
+                    let base = conn.stop_vring(q)?;
+                    bases.push((q, base as u16));
+                }
+                Ok(())
+            });
+            if let Err(e) = r {
+                self.fail(format!(
+                    "cannot stop the rings for a pause: {}",
+                    crate::error_chain(&e)
+                ));
+                bases.clear();
+            }
+        }
+        self.paused = Some(bases);
+    }
+
+    fn resume(&mut self) {
+        let Some(bases) = self.paused.take() else {
+            return;
+        };
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        // Where each ring stopped, if this backend stopped them; else (a new backend came
+        // while paused, or none is here yet) the used ring says.
+        let base = if bases.is_empty() {
+            Base::Used
+        } else {
+            Base::At(&bases)
+        };
+        if self.conn.is_some() {
+            if let Err(e) = self.start(active.features, &active.rings, base) {
+                self.fail(e);
+            }
+        }
+        self.active = Some(active);
+    }
+
     /// A new backend in place of the lost one: it must offer what the device was started with,
     /// then gets the running rings, each from the last backend's used index.
     fn reconnect(&mut self, conn: Connection) -> Result<(), String> {
         self.drop_connection();
         self.awaiting = false;
+        if self.paused.is_some() {
+            // The rings start on it when the VM resumes, from the used ring.
+            self.paused = Some(Vec::new());
+            self.conn = Some(conn);
+            return Ok(());
+        }
         let Some(active) = self.active.take() else {
             self.conn = Some(conn);
             return Ok(());
@@ -433,19 +526,25 @@ impl Owner {
 
 /// Where a ring starts on the backend.
 #[derive(Clone, Copy)]
-enum Base {
+enum Base<'a> {
     /// At 0: the driver has just set the ring up.
     Zero,
+    /// Where the backend said it stopped each ring (`GET_VRING_BASE`), for a resume.
+    At(&'a [(usize, u16)]),
     /// At the used ring's index: the requests before it are done; the ones after it, which a
     /// dead backend may have taken and not finished, are taken again. (Right for a backend
     /// that completes requests in order; one that does not needs in-flight tracking.)
     Used,
 }
 
-impl Base {
+impl Base<'_> {
     fn of(self, ring: &Ring) -> u16 {
         match self {
             Base::Zero => 0,
+            Base::At(bases) => match bases.iter().find(|(q, _)| *q == ring.index) {
+                Some(&(_, base)) => base,
+                None => Base::Used.of(ring),
+            },
             // The used ring's index is the little-endian u16 after its flags. Read byte by byte
             // (the driver chose the address: it need not be aligned) and volatile (the driver
             // may write it at any time).
