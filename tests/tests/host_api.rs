@@ -145,7 +145,8 @@ fn the_orchestrators_flow_from_an_empty_vmm_to_its_exit() {
     let kernel = payload::write(Payload::Hang, &dir).expect("payload");
     let root = image(&dir, "root.img");
     let hot = image(&dir, "hot.img");
-    let mut vmm = Vmm::start(&dir, &[]);
+    let events = dir.join("events.jsonl");
+    let mut vmm = Vmm::start(&dir, &["--event-monitor", events.to_str().unwrap()]);
     let mode = std::fs::metadata(&vmm.socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "the API socket is the owner's alone");
 
@@ -214,6 +215,19 @@ fn the_orchestrators_flow_from_an_empty_vmm_to_its_exit() {
     assert!(refused.contains("start a new cloister"), "{refused}");
     vmm.expect("PUT", "vmm.shutdown", None, 204);
     assert_eq!(vmm.wait_exit(), 0, "{}", vmm.log());
+    assert_eq!(
+        event_names(&events),
+        [
+            "vmm starting",
+            "vm booting",
+            "vm booted",
+            "device added hot",
+            "device ejecting hot",
+            "vm power-button",
+            "vm shutdown",
+            "vmm shutdown"
+        ]
+    );
     // A VM ran, so the socket file stays (the sandbox may not remove it); the next cloister
     // on that path takes its place.
     let again = Vmm::start(&dir, &[]);
@@ -359,6 +373,33 @@ fn a_wrong_api_socket_is_named() {
             run.stderr
         );
     }
+    for (value, says) in [
+        (
+            "fd=x",
+            "--event-monitor fd=x: 'x' is not a descriptor number",
+        ),
+        (
+            "fd=999",
+            "--event-monitor fd=999: descriptor 999 is not open",
+        ),
+        (
+            "/no/such/dir/events",
+            "--event-monitor /no/such/dir/events: cannot open",
+        ),
+    ] {
+        let socket = dir.join("ev.sock");
+        let run = payload::run_cloister(
+            &[
+                "--api-socket",
+                socket.to_str().unwrap(),
+                "--event-monitor",
+                value,
+            ],
+            Duration::from_secs(10),
+        );
+        assert_eq!(run.exit_code(), 2, "{value}: {}", run.stderr);
+        assert!(run.stderr.contains(says), "{value}: {}", run.stderr);
+    }
     let plain = dir.join("a-file");
     std::fs::write(&plain, b"mine").unwrap();
     let run = payload::run_cloister(
@@ -368,6 +409,28 @@ fn a_wrong_api_socket_is_named() {
     assert_eq!(run.exit_code(), 2, "{}", run.stderr);
     assert!(run.stderr.contains("not a socket"), "{}", run.stderr);
     assert_eq!(std::fs::read(&plain).unwrap(), b"mine");
+}
+
+/// The events in an `--event-monitor` file, as "SOURCE EVENT [ID]"; each line must be a JSON
+/// object with a timestamp.
+fn event_names(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).expect("event file");
+    text.lines()
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            assert!(v["timestamp"]["secs"].is_u64(), "{line}");
+            let mut name = format!(
+                "{} {}",
+                v["source"].as_str().unwrap(),
+                v["event"].as_str().unwrap()
+            );
+            if let Some(id) = v["properties"]["id"].as_str() {
+                name.push(' ');
+                name.push_str(id);
+            }
+            name
+        })
+        .collect()
 }
 
 /// `cloister-remote`, built next to cloister.
@@ -503,9 +566,12 @@ fn a_paused_vm_runs_nothing_and_its_memory_stays_as_it_was() {
     let dir = fresh_dir("api-pause");
     let kernel = payload::write(Payload::Spin, &dir).expect("payload");
     let root = image(&dir, "root.img");
+    let events = dir.join("events.jsonl");
     let mut vmm = Vmm::start(
         &dir,
         &[
+            "--event-monitor",
+            &format!("path={}", events.display()),
             "--kernel",
             kernel.to_str().unwrap(),
             "--serial",
@@ -554,4 +620,12 @@ fn a_paused_vm_runs_nothing_and_its_memory_stays_as_it_was() {
     vmm.expect("PUT", "vm.pause", None, 204);
     vmm.expect("PUT", "vmm.shutdown", None, 204);
     assert_eq!(vmm.wait_exit(), 0, "{}", vmm.log());
+    let names = event_names(&events);
+    let round = ["vm pausing", "vm paused", "vm resuming", "vm resumed"];
+    let mut want = vec!["vmm starting", "vm booting", "vm booted"];
+    for _ in 0..3 {
+        want.extend(round);
+    }
+    want.extend(["vm pausing", "vm paused", "vm shutdown", "vmm shutdown"]);
+    assert_eq!(names, want);
 }

@@ -86,7 +86,17 @@ fn a_killed_managed_disk_backend_is_started_again() {
     let dir = fresh_dir("host-recovery-managed");
     let runtime = fresh_dir("host-recovery-managed-run");
     let img = image(&dir, "m.img");
-    let mut vm = Vm::start(&runtime, &["--disk".into(), format!("path={img}")], "");
+    let events = dir.join("events.jsonl");
+    let mut vm = Vm::start(
+        &runtime,
+        &[
+            "--disk".into(),
+            format!("path={img},id=d0"),
+            "--event-monitor".into(),
+            events.display().to_string(),
+        ],
+        "",
+    );
     vm_running(&vm);
     for round in 1..=3 {
         let backend = connected_backend(&img);
@@ -109,6 +119,17 @@ fn a_killed_managed_disk_backend_is_started_again() {
         std::thread::sleep(Duration::from_millis(1100));
     }
     assert_eq!(vm.stop(), Ok(143));
+    // The event monitor says the same, one JSON object a line.
+    let text = std::fs::read_to_string(&events).expect("events");
+    let lost = text.matches(r#""event":"backend-lost""#).count();
+    let back = text.matches(r#""event":"backend-recovered""#).count();
+    assert_eq!((lost, back), (3, 3), "{text}");
+    assert!(
+        text.contains(
+            r#""properties":{"id":"d0","reason":"backend exited with signal 9 (SIGKILL)"}"#
+        ),
+        "{text}"
+    );
 }
 
 /// Our vhost-user-blk on `socket`, as an operator runs it, its log in `log`.

@@ -7,6 +7,7 @@ pub mod config;
 pub mod cpu;
 pub mod device_manager;
 pub mod devices;
+pub mod events;
 pub mod exit;
 pub mod irqchip;
 pub mod kinds;

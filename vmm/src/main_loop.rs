@@ -23,6 +23,13 @@ pub fn run(cli: &Cli) -> Result<ExitReason, Error> {
         Some(_) => Some(VmConfig::from_cli(cli, host_ram)?),
         None => None,
     };
+    if let Some(value) = &cli.event_monitor {
+        crate::events::open(value).map_err(|why| ConfigError::EventMonitor {
+            value: value.clone(),
+            why,
+        })?;
+    }
+    crate::events::emit("vmm", "starting", None);
     let listener = cli
         .api_socket
         .as_deref()
@@ -40,8 +47,13 @@ pub fn run(cli: &Cli) -> Result<ExitReason, Error> {
         let Some(cfg) = first else {
             return Err(ConfigError::NoKernel.into());
         };
+        crate::events::emit("vm", "booting", None);
         let vm = Vm::new(&cfg, spawner)?;
-        return Ok(vm.run(&MainEvents::new(&signals, None))?);
+        crate::events::emit("vm", "booted", None);
+        let reason = vm.run(&MainEvents::new(&signals, None));
+        crate::events::emit("vm", "shutdown", None);
+        crate::events::emit("vmm", "shutdown", None);
+        return Ok(reason?);
     };
     let (control, inbox) = lifecycle::channel().map_err(|e| VmError::Io("create an eventfd", e))?;
     let process = ProcessOptions {
@@ -65,6 +77,7 @@ pub fn run(cli: &Cli) -> Result<ExitReason, Error> {
     if owner.ran {
         server.keep_socket_file();
     }
+    crate::events::emit("vmm", "shutdown", None);
     reason
 }
 
@@ -138,6 +151,7 @@ impl Owner {
             answer(reply, Err(ran_already()));
             return Ok(None);
         }
+        crate::events::emit("vm", "booting", None);
         let vm = match Vm::new(&cfg, self.spawner.clone()) {
             Ok(vm) => vm,
             Err(e) => {
@@ -156,10 +170,12 @@ impl Owner {
             shared.state = Some(VmState::Running);
         }
         answer(reply, Ok(()));
+        crate::events::emit("vm", "booted", None);
         self.ran = true;
         let events = MainEvents::new(signals, Some(&self.inbox));
         let reason = vm.run(&events);
         self.inbox.shared().running = None;
+        crate::events::emit("vm", "shutdown", None);
         let stopping = events.stopping.take();
         let reason = match reason {
             Ok(reason) => reason,
@@ -174,7 +190,10 @@ impl Owner {
             ExitReason::Api(ApiStop::Shutdown) => {
                 self.inbox.shared().state = Some(VmState::Shutdown);
             }
-            ExitReason::Api(ApiStop::Delete) => self.set(None, None),
+            ExitReason::Api(ApiStop::Delete) => {
+                self.set(None, None);
+                crate::events::emit("vm", "deleted", None);
+            }
             _ => self.inbox.shared().state = Some(VmState::Shutdown),
         }
         for reply in stopping {
@@ -256,6 +275,9 @@ impl Owner {
                 _ => Refusal::new(405, "the VM is not running"),
             }),
             Command::Delete => {
+                if state.is_some() {
+                    crate::events::emit("vm", "deleted", None);
+                }
                 self.set(None, None);
                 Ok(())
             }

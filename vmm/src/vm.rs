@@ -606,6 +606,7 @@ impl Vm {
         if self.paused.is_some() {
             return Err(Refusal::new(405, "the VM is already paused"));
         }
+        crate::events::emit("vm", "pausing", None);
         self.pause_gate.request();
         for t in vcpus {
             let _ = t.kill(crate::cpu::vcpu::kick_signal());
@@ -638,6 +639,7 @@ impl Vm {
             }
         };
         self.paused = Some(clock);
+        crate::events::emit("vm", "paused", None);
         Ok(())
     }
 
@@ -647,6 +649,7 @@ impl Vm {
         let Some(mut clock) = self.paused.take() else {
             return Err(Refusal::new(405, "the VM is not paused"));
         };
+        crate::events::emit("vm", "resuming", None);
         // Only the clock's value: with KVM_CLOCK_REALTIME set, KVM would add the time spent
         // paused.
         clock.flags = 0;
@@ -657,6 +660,7 @@ impl Vm {
             control.resume();
         }
         self.pause_gate.release();
+        crate::events::emit("vm", "resumed", None);
         Ok(())
     }
 }

@@ -396,6 +396,7 @@ pub fn vm_config(body: &[u8], process: &ProcessOptions) -> Result<Cli, BodyError
         seccomp: process.seccomp,
         backend_restarts: process.backend_restarts,
         api_socket: None,
+        event_monitor: None,
     };
     for (name, v) in o {
         let at = format!("VmConfig.{name}");

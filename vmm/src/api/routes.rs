@@ -123,6 +123,7 @@ impl Routes {
             "vm.remove-device" => self.remove(&body),
             "vm.power-button" => self.running().map(|r| {
                 r.acpi.power_button();
+                crate::events::emit("vm", "power-button", None);
                 Response::empty(204)
             }),
             _ => Err(Refusal::new(500, format!("{endpoint} has no handler"))),

@@ -140,6 +140,13 @@ pub struct Cli {
     /// listening that cloister inherited. See docs/api.yaml for the endpoints served.
     #[arg(long, value_name = "path=PATH|fd=N")]
     pub api_socket: Option<String>,
+
+    /// Writes what happens to the VMM and the VM (booting, booted, paused, shutdown, devices
+    /// added and removed, backends lost and back) as one JSON object per line, with Cloud
+    /// Hypervisor's event names: "path=PATH" (or a bare PATH) appends to PATH, "fd=N" writes to
+    /// an inherited descriptor.
+    #[arg(long, value_name = "path=PATH|fd=N")]
+    pub event_monitor: Option<String>,
 }
 
 /// A user error: names the option and the value, and says what is wrong.
@@ -179,6 +186,8 @@ pub enum ConfigError {
     NoKernel,
     #[error("--api-socket {value}: {why}")]
     ApiSocket { value: String, why: String },
+    #[error("--event-monitor {value}: {why}")]
+    EventMonitor { value: String, why: String },
     #[error("--kernel {}", path.display())]
     Kernel {
         path: PathBuf,

@@ -141,6 +141,11 @@ impl Device {
                 "cloister: {}: {why}; waiting for the backend to come back",
                 self.label()
             );
+            crate::events::device(
+                "backend-lost",
+                &self.id,
+                Some(serde_json::json!({ "reason": why })),
+            );
             if self.crash_streak > 0 && self.crash_streak % 5 == 0 {
                 eprintln!(
                     "cloister: {}: the backend was lost {} times in a row soon after it came back",

@@ -131,6 +131,11 @@ fn serve(manager: &Mutex<DeviceManager>, guest: &AcpiHotplug, requests: Receiver
             Request::Add(spec, reply) => {
                 let added = add(manager, *spec);
                 if let Ok(info) = &added {
+                    crate::events::device(
+                        "added",
+                        &info.id,
+                        Some(serde_json::json!({ "bdf": info.address })),
+                    );
                     if let Ok(Some(slot)) = lock(manager).pci_slot(&info.id) {
                         guest.device_added(slot);
                     }
@@ -144,6 +149,7 @@ fn serve(manager: &Mutex<DeviceManager>, guest: &AcpiHotplug, requests: Receiver
                 let slot = lock(manager).pci_slot(&id);
                 let _ = reply.send(match slot {
                     Ok(Some(slot)) => {
+                        crate::events::device("ejecting", &id, None);
                         guest.eject_requested(slot);
                         Ok(())
                     }
@@ -201,6 +207,7 @@ fn remove(manager: &Mutex<DeviceManager>, id: &str) -> Result<(), DeviceManagerE
     if let Some(place) = unplugged.finish() {
         lock(manager).release(&place);
     }
+    crate::events::device("removed", id, None);
     Ok(())
 }
 

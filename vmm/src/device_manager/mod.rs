@@ -627,12 +627,17 @@ impl DeviceManager {
             if let Some(r) = d.recovery.take() {
                 d.recoveries += 1;
                 d.last_recovered = Some(Instant::now());
+                let ms = r.since.elapsed().as_millis();
                 eprintln!(
-                    "cloister: {}: backend back after {} ms (recovery {} of {})",
+                    "cloister: {}: backend back after {ms} ms (recovery {} of {})",
                     d.label(),
-                    r.since.elapsed().as_millis(),
                     d.recoveries,
                     d.losses
+                );
+                crate::events::device(
+                    "backend-recovered",
+                    &d.id,
+                    Some(serde_json::json!({ "ms": ms as u64 })),
                 );
             }
             d.socket = Some(socket);
