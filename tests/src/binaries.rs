@@ -13,6 +13,7 @@ pub const PROJECT_BINARIES: &[&str] = &[
     "boot-timer",
     "make-payload",
     "vsock-probe",
+    "guest-mem",
 ];
 
 /// `target/<profile>/`, found from the running executable: a test (`target/<profile>/deps/NAME`)

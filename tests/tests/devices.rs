@@ -276,6 +276,42 @@ fn scenarios() -> Vec<Scenario> {
             rm -f "$RESULTS_DIR/hot.img"
             "#,
         ),
+        scenario(
+            "api-pause",
+            r#"
+            # A pause under disk and network load: while paused, the guest's memory does not
+            # change (vCPUs parked, rings stopped) and the tap hears nothing; resumed, both
+            # loads go on and the disk holds what the guest wrote.
+            api="$RESULTS_DIR/api.sock"
+            remote() { "$BIN_DIR/cloister-remote" --api-socket "$api" "$@"; }
+            truncate -s 64M "$RESULTS_DIR/d.img"
+            GUEST_ARGS="cloister.hold=40"
+            cloister_bg "$RESULTS_DIR/vm.log" pauseload --api-socket "$api" --memory size=256M                 --disk "path=$RESULTS_DIR/d.img"                 --net "tap=cptap0,ip=10.10.9.1,mask=255.255.255.0"
+            if wait_for "$RESULTS_DIR/console.log" "CLOISTER-PAUSE loaded" 3000; then
+                sleep 2
+                remote pause
+                mark pause.rc $?
+                mark state "$(remote info | grep -o '"state": *"[A-Za-z]*"' | tr -d ' "' )"
+                rx1=$(cat /sys/class/net/cptap0/statistics/rx_packets)
+                m1=$("$BIN_DIR/guest-mem" "$vm")
+                sleep 3
+                m2=$("$BIN_DIR/guest-mem" "$vm")
+                rx2=$(cat /sys/class/net/cptap0/statistics/rx_packets)
+                echo "paused memory: $m1 then $m2; tap rx $rx1 then $rx2"
+                [ -n "$m1" ] && [ "$m1" = "$m2" ] && mark mem.same yes
+                [ "$rx1" = "$rx2" ] && mark tap.quiet yes
+                remote resume
+                mark resume.rc $?
+                sleep 3
+                m3=$("$BIN_DIR/guest-mem" "$vm")
+                [ "$m3" != "$m2" ] && mark mem.moves yes
+            fi
+            wait_vm_exit 3000
+            echo "--- cloister ---"; cat "$RESULTS_DIR/vm.log"
+            echo "--- guest ---"; cat "$RESULTS_DIR/console.log"
+            rm -f "$RESULTS_DIR/d.img"
+            "#,
+        ),
     ]
 }
 
@@ -452,5 +488,26 @@ fn an_api_hot_plugged_disk_appears_works_and_is_ejected() {
         if o.mark("host.sum") != Some(written) {
             o.fail("the image on the host lacks what the guest wrote to the hot-plugged disk");
         }
+    });
+}
+
+/// A pause under disk and network load stops everything that writes guest memory (the vCPUs
+/// and the backends) and the NIC's traffic; the resumed guest goes on, and its disk holds what
+/// it wrote.
+#[test]
+fn a_vm_paused_under_load_changes_nothing_until_resumed() {
+    LAB.check("api-pause", |o| {
+        o.expect_mark("pause.rc", "0")
+            .expect_mark("state", "state:Paused")
+            .expect_mark("mem.same", "yes")
+            .expect_mark("tap.quiet", "yes")
+            .expect_mark("resume.rc", "0")
+            .expect_mark("mem.moves", "yes")
+            .expect_mark("vm.rc", "0")
+            .expect_console("CLOISTER-GUEST-RESULT test=pauseload rc=0")
+            .expect_no_console("panicked");
+        let done = "CLOISTER-PAUSE done ";
+        let written = field(o, done, "written");
+        expect_field(o, done, "read", written);
     });
 }
