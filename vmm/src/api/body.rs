@@ -756,6 +756,61 @@ mod tests {
         }
     }
 
+    /// Random JSON values in every field position: an error or a command line, never a panic.
+    #[test]
+    fn fuzzed_configs_never_panic() {
+        let values = [
+            json!(null),
+            json!(true),
+            json!(-1),
+            json!(u64::MAX),
+            json!(1.5),
+            json!("x,y"),
+            json!(""),
+            json!([]),
+            json!([1, "a", null]),
+            json!({}),
+            json!({"a": {"b": []}}),
+        ];
+        let fields = [
+            "payload",
+            "cpus",
+            "memory",
+            "disks",
+            "net",
+            "fs",
+            "rng",
+            "vsock",
+            "serial",
+            "console",
+            "generic_vhost_user",
+            "iommu",
+            "balloon",
+            "pvpanic",
+            "debug_console",
+        ];
+        for field in fields {
+            for v in &values {
+                let mut body = json!({"payload": {"kernel": "/k"}});
+                body[field] = v.clone();
+                let _ = vm_config(body.to_string().as_bytes(), &process());
+                // The same value one level down, in a device.
+                let device = json!([{ "path": v, "num_queues": v, "vhost_socket": v, "id": v }]);
+                body[field] = device;
+                let _ = vm_config(body.to_string().as_bytes(), &process());
+            }
+        }
+        for v in &values {
+            for one in [disk, net, fs, vsock, rng, generic_vhost_user] {
+                let _ = one(v, "x");
+                let _ = one(
+                    &json!({"socket": v, "queue_sizes": v, "device_type": v}),
+                    "x",
+                );
+            }
+        }
+    }
+
     fn process() -> ProcessOptions {
         ProcessOptions {
             seccomp: cloister_seccomp::SeccompMode::True,
