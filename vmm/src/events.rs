@@ -12,7 +12,9 @@
 //!
 //! The destination is opened once, before any thread is confined; every thread may write to it
 //! (`write(2)` is in every seccomp role). Lines are written whole, under a lock, so that
-//! events from several threads never interleave; a failed write is dropped, never fatal.
+//! events from several threads never interleave; a failed write is dropped, never fatal, and an
+//! inherited descriptor is made non-blocking, so a reader that stops reading (a full pipe)
+//! loses events rather than stalling the thread that emits them.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -40,10 +42,15 @@ pub fn open(value: &str) -> Result<(), String> {
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
             return Err(format!("descriptor {fd} is not open"));
         }
-        // SAFETY: an open descriptor handed to us to own; also marked close-on-exec so that
-        // backends do not inherit it.
+        // SAFETY: an open descriptor handed to us to own; marked close-on-exec so that
+        // backends do not inherit it, and non-blocking so that a reader that stops reading
+        // costs it events, never a VMM thread (lines that do not fit are dropped).
         unsafe {
             libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
             File::from_raw_fd(fd)
         }
     } else {

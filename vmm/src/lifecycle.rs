@@ -121,6 +121,8 @@ pub struct Inbox {
     shared: Arc<Mutex<Shared>>,
     commands: Receiver<(Command, Reply)>,
     wake: Arc<EventFd>,
+    /// A command [`Inbox::gone`] took off the channel.
+    stash: Mutex<Option<(Command, Reply)>>,
 }
 
 impl Inbox {
@@ -135,6 +137,9 @@ impl Inbox {
 
     /// The next command, if any (clears the wake-up once none is left).
     pub fn next(&self) -> Option<(Command, Reply)> {
+        if let Some(c) = self.stashed().take() {
+            return Some(c);
+        }
         match self.commands.try_recv() {
             Ok(c) => Some(c),
             Err(_) => {
@@ -144,6 +149,34 @@ impl Inbox {
             }
         }
     }
+
+    /// Whether the API thread is gone (nothing can send a command any more), or a command came
+    /// meanwhile (kept for [`Inbox::next`]).
+    pub fn check(&self) -> InboxState {
+        if self.stashed().is_some() {
+            return InboxState::Pending;
+        }
+        match self.commands.try_recv() {
+            Ok(c) => {
+                *self.stashed() = Some(c);
+                InboxState::Pending
+            }
+            Err(mpsc::TryRecvError::Disconnected) => InboxState::Gone,
+            Err(mpsc::TryRecvError::Empty) => InboxState::Idle,
+        }
+    }
+
+    fn stashed(&self) -> MutexGuard<'_, Option<(Command, Reply)>> {
+        self.stash.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What [`Inbox::check`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboxState {
+    Idle,
+    Pending,
+    Gone,
 }
 
 /// Both ends, sharing `shared`.
@@ -161,6 +194,7 @@ pub fn channel() -> std::io::Result<(Control, Inbox)> {
             shared,
             commands: rx,
             wake,
+            stash: Mutex::new(None),
         },
     ))
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::api::{self, body::ProcessOptions};
 use crate::config::{self, Cli, VmConfig};
 use crate::exit::ApiStop;
-use crate::lifecycle::{self, Command, Inbox, Refusal, VmState};
+use crate::lifecycle::{self, Command, Inbox, InboxState, Refusal, VmState};
 use crate::signals::SignalFd;
 use crate::supervisor::Spawner;
 use crate::vm::MainEvents;
@@ -97,6 +97,14 @@ enum Next {
     Exit(ExitReason),
 }
 
+/// Why a boot did not end in a VM that stopped normally.
+enum BootFailure {
+    /// The VM could not be built: the API's caller is told, and the VMM stays.
+    Build(Error),
+    /// The VM failed while it ran: the process ends, as it does for a guest that fails.
+    Run(Error),
+}
+
 impl Owner {
     /// Boots `first` if given, then serves commands until the process should end.
     fn serve(&mut self, first: Option<VmConfig>, signals: &SignalFd) -> Result<ExitReason, Error> {
@@ -119,8 +127,9 @@ impl Owner {
                         Ok(None) => {}
                         // The command line's VM failing to build ends the process, with
                         // the error; the API's is answered and the VMM stays.
-                        Err(e) if !from_api => return Err(e),
-                        Err(_) => {}
+                        Err(BootFailure::Build(e)) if !from_api => return Err(e),
+                        Err(BootFailure::Build(_)) => {}
+                        Err(BootFailure::Run(e)) => return Err(e),
                     }
                 }
             }
@@ -139,7 +148,7 @@ impl Owner {
         &mut self,
         reply: Option<lifecycle::Reply>,
         signals: &SignalFd,
-    ) -> Result<Option<ExitReason>, Error> {
+    ) -> Result<Option<ExitReason>, BootFailure> {
         let Some(cfg) = self.inbox.shared().config.clone() else {
             answer(
                 reply,
@@ -161,7 +170,7 @@ impl Owner {
                     500
                 };
                 answer(reply, Err(Refusal::new(status, crate::error_chain(&e))));
-                return Err(e);
+                return Err(BootFailure::Build(e));
             }
         };
         {
@@ -180,10 +189,11 @@ impl Owner {
         let reason = match reason {
             Ok(reason) => reason,
             Err(e) => {
+                self.inbox.shared().state = Some(VmState::Shutdown);
                 for reply in stopping {
                     let _ = reply.send(Err(Refusal::new(500, crate::error_chain(&e))));
                 }
-                return Err(e.into());
+                return Err(BootFailure::Run(e.into()));
             }
         };
         match reason {
@@ -216,6 +226,17 @@ impl Owner {
             while let Some((command, reply)) = self.inbox.next() {
                 if let Some(next) = self.command(command, reply) {
                     return Ok(next);
+                }
+            }
+            match self.inbox.check() {
+                InboxState::Idle => {}
+                InboxState::Pending => continue,
+                InboxState::Gone => {
+                    return Err(VmError::Io(
+                        "serve the API",
+                        std::io::Error::other("the API thread has ended"),
+                    )
+                    .into())
                 }
             }
             let mut fds = [

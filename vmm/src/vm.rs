@@ -621,16 +621,10 @@ impl Vm {
                 ),
             ));
         }
-        let controls = self.devices().controls();
-        for control in &controls {
-            control.pause();
-        }
+        // The clock as the vCPUs left it, before the time the rings take to stop.
         let clock = match self.vm_fd.get_clock() {
             Ok(clock) => clock,
             Err(e) => {
-                for control in &controls {
-                    control.resume();
-                }
                 self.pause_gate.release();
                 return Err(Refusal::new(
                     500,
@@ -638,26 +632,32 @@ impl Vm {
                 ));
             }
         };
+        // Without the device manager's lock: a backend may take its time.
+        let controls = self.devices().controls();
+        for control in &controls {
+            control.pause();
+        }
         self.paused = Some(clock);
         crate::events::emit("vm", "paused", None);
         Ok(())
     }
 
-    /// Undoes [`Vm::pause`]: the clock where it was, the rings where they stopped, the vCPUs
+    /// Undoes [`Vm::pause`]: the rings where they stopped, the clock where it was, the vCPUs
     /// running.
     fn resume(&mut self) -> Result<(), Refusal> {
         let Some(mut clock) = self.paused.take() else {
             return Err(Refusal::new(405, "the VM is not paused"));
         };
         crate::events::emit("vm", "resuming", None);
+        let controls = self.devices().controls();
+        for control in &controls {
+            control.resume();
+        }
         // Only the clock's value: with KVM_CLOCK_REALTIME set, KVM would add the time spent
-        // paused.
+        // paused. Set last, just before the vCPUs run.
         clock.flags = 0;
         if let Err(e) = self.vm_fd.set_clock(&clock) {
             eprintln!("cloister: warning: cannot set the guest's clock back: {e}");
-        }
-        for control in self.devices().controls() {
-            control.resume();
         }
         self.pause_gate.release();
         crate::events::emit("vm", "resumed", None);

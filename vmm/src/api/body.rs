@@ -95,11 +95,13 @@ struct OptionValue {
 
 impl OptionValue {
     fn push(&mut self, at: &str, key: &str, value: &str) -> Result<(), BodyError> {
-        // The option syntax separates keys with commas and has no quoting.
-        if value.contains(',') {
+        // The option syntax separates keys with commas, groups lists in brackets and has no
+        // quoting.
+        if value.contains([',', '[', ']']) {
             return Err(BodyError::Invalid {
                 at: at.to_string(),
-                why: "contains a comma, which cloister's option syntax cannot carry".into(),
+                why: "contains a comma or a bracket, which cloister's option syntax cannot carry"
+                    .into(),
             });
         }
         self.parts.push(format!("{key}={value}"));

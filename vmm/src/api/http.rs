@@ -5,7 +5,7 @@
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -16,9 +16,12 @@ pub const MAX_BODY: usize = 1 << 20;
 const MAX_HEADERS: usize = 64;
 /// Descriptors taken with one request (Kata hands a tap's queues to `vm.add-net`).
 pub const MAX_FDS: usize = 16;
-/// A client has this long to send each part of its request: a slow one is dropped, never
-/// waited on for good.
+/// A client has this long to send a whole request (and to read a reply): a slow one is
+/// dropped, never waited on for good.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a kept-alive connection may sit idle between requests while other clients wait
+/// (the server serves one connection at a time).
+pub const IDLE_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Error)]
 pub enum HttpError {
@@ -30,7 +33,7 @@ pub enum HttpError {
     Malformed(String),
     #[error("chunked bodies are not supported: send Content-Length")]
     Chunked,
-    #[error("the client sent nothing for {} s", READ_TIMEOUT.as_secs())]
+    #[error("the client did not send its request within {} s", READ_TIMEOUT.as_secs())]
     Timeout,
     #[error("the client closed the connection in the middle of a request")]
     Truncated,
@@ -71,6 +74,8 @@ pub struct Request {
 pub struct Reader {
     buf: Vec<u8>,
     fds: Vec<OwnedFd>,
+    /// Requests read so far on this connection.
+    served: usize,
 }
 
 impl Default for Reader {
@@ -84,14 +89,15 @@ impl Reader {
         Reader {
             buf: Vec::new(),
             fds: Vec::new(),
+            served: 0,
         }
     }
 
     /// The next request, or `None` if the client closed the connection between requests.
     pub fn read(&mut self, stream: &UnixStream) -> Result<Option<Request>, HttpError> {
-        stream
-            .set_read_timeout(Some(READ_TIMEOUT))
-            .map_err(HttpError::Io)?;
+        // The whole request within READ_TIMEOUT of its first byte; the first byte within
+        // IDLE_TIMEOUT on a kept-alive connection (READ_TIMEOUT on a new one).
+        let mut deadline = None;
         let (head_len, method, path, body_len, keep_alive) = loop {
             if let Some(head) = parse_head(&self.buf)? {
                 break head;
@@ -99,8 +105,16 @@ impl Reader {
             if self.buf.len() > MAX_HEAD {
                 return Err(HttpError::HeadTooLarge);
             }
+            if deadline.is_none() && !self.buf.is_empty() {
+                deadline = Some(Instant::now() + READ_TIMEOUT);
+            }
+            let wait = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None if self.served > 0 => IDLE_TIMEOUT,
+                None => READ_TIMEOUT,
+            };
             // Between requests, a client that goes quiet (or away) simply ends the connection.
-            let filled = match self.fill(stream) {
+            let filled = match self.fill(stream, wait) {
                 Err(HttpError::Timeout) if self.buf.is_empty() => 0,
                 filled => filled?,
             };
@@ -115,11 +129,14 @@ impl Reader {
         if body_len > MAX_BODY {
             return Err(HttpError::BodyTooLarge);
         }
+        let deadline = deadline.unwrap_or_else(|| Instant::now() + READ_TIMEOUT);
         while self.buf.len() < head_len + body_len {
-            if self.fill(stream)? == 0 {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            if self.fill(stream, wait)? == 0 {
                 return Err(HttpError::Truncated);
             }
         }
+        self.served += 1;
         let body = self.buf[head_len..head_len + body_len].to_vec();
         self.buf.drain(..head_len + body_len);
         Ok(Some(Request {
@@ -131,9 +148,13 @@ impl Reader {
         }))
     }
 
-    /// One recvmsg(2): bytes into the buffer, descriptors into the list. Returns the bytes
-    /// read (0 at end of stream).
-    fn fill(&mut self, stream: &UnixStream) -> Result<usize, HttpError> {
+    /// One recvmsg(2), waiting at most `wait`: bytes into the buffer, descriptors into the
+    /// list. Returns the bytes read (0 at end of stream).
+    fn fill(&mut self, stream: &UnixStream, wait: Duration) -> Result<usize, HttpError> {
+        if wait.is_zero() {
+            return Err(HttpError::Timeout);
+        }
+        stream.set_read_timeout(Some(wait)).map_err(HttpError::Io)?;
         let mut chunk = [0u8; 4096];
         // Room for MAX_FDS descriptors; u64 elements keep it aligned for cmsghdr.
         let mut control = [0u64; 16];
@@ -448,6 +469,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A client that sends a byte now and then never holds the server past the request's
+    /// deadline.
+    #[test]
+    fn a_dripping_client_is_dropped_at_the_deadline() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let drip = std::thread::spawn(move || {
+            for byte in b"GET /api/v1/vm.info HTTP/1.1\r\nX-Slow: ".iter().cycle() {
+                if a.write_all(&[*byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let start = Instant::now();
+        let r = Reader::new().read(&b);
+        assert!(matches!(r, Err(HttpError::Timeout)), "{r:?}");
+        let took = start.elapsed();
+        assert!(
+            took >= READ_TIMEOUT && took < READ_TIMEOUT + Duration::from_secs(1),
+            "{took:?}"
+        );
+        drop(b);
+        drip.join().unwrap();
     }
 
     #[test]

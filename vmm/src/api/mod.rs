@@ -106,9 +106,13 @@ fn inherited(fd: RawFd) -> Result<Listener, String> {
     }
     // SAFETY: checked above to be an open, listening Unix socket, handed to us to own.
     let socket = unsafe { UnixListener::from_raw_fd(fd) };
-    // Not passed on to the backends cloister starts.
+    // Not passed on to the backends cloister starts; and blocking, whatever it was handed
+    // over as: the server sleeps in accept(2).
     // SAFETY: fcntl on the descriptor we now own.
     unsafe { libc::fcntl(socket.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    socket
+        .set_nonblocking(false)
+        .map_err(|e| format!("cannot make socket {fd} blocking: {e}"))?;
     Ok(Listener { socket, path: None })
 }
 
@@ -160,24 +164,26 @@ pub fn start(
     process: ProcessOptions,
 ) -> io::Result<Server> {
     let (done_tx, done) = mpsc::channel();
+    let (ready_tx, ready) = mpsc::sync_channel(1);
     let path = PathOwner(listener.path.take());
     let socket = listener.socket.try_clone()?;
     drop(listener);
     crate::signals::spawn_helper(std::thread::Builder::new().name("api".into()), move || {
-        if let Err(e) = cloister_seccomp::enter(
-            ThreadRole::VmmApi,
-            &cloister_seccomp::landlock::Rules::new(),
-        ) {
-            eprintln!(
-                "cloister: error: the API thread cannot enter its sandbox: {}; no API",
-                crate::error_chain(&e)
-            );
+        let rules = cloister_seccomp::landlock::Rules::new();
+        if let Err(e) = cloister_seccomp::enter(ThreadRole::VmmApi, &rules) {
+            let _ = ready_tx.send(Err(crate::error_chain(&e)));
             return;
         }
+        let _ = ready_tx.send(Ok(()));
         let routes = routes::Routes::new(control, process);
         serve(&socket, &routes, &done_tx);
     })?;
-    Ok(Server { done, _path: path })
+    // A VMM whose API cannot run must not start and wait for requests that cannot come.
+    match ready.recv() {
+        Ok(Ok(())) => Ok(Server { done, _path: path }),
+        Ok(Err(why)) => Err(io::Error::other(format!("cannot enter its sandbox: {why}"))),
+        Err(_) => Err(io::Error::other("it ended at once")),
+    }
 }
 
 fn serve(socket: &UnixListener, routes: &routes::Routes, done: &mpsc::Sender<()>) {
@@ -201,6 +207,11 @@ fn serve(socket: &UnixListener, routes: &routes::Routes, done: &mpsc::Sender<()>
 
 /// Serves one client until it closes or errs. True once `vmm.shutdown` has been answered.
 fn connection(mut stream: UnixStream, routes: &routes::Routes) -> bool {
+    // A client that does not read its replies holds the server no longer than one that does
+    // not send.
+    if stream.set_write_timeout(Some(http::READ_TIMEOUT)).is_err() {
+        return false;
+    }
     let mut reader = http::Reader::new();
     loop {
         let request = match reader.read(&stream) {

@@ -45,7 +45,7 @@ enum Verb {
     Resume,
     /// Reboots the VM (not served by cloister yet).
     Reboot,
-    /// Presses the VM's power button (not served by cloister yet).
+    /// Presses the VM's ACPI power button.
     PowerButton,
     /// Adds a disk: --disk's syntax (path=FILE|socket=PATH[,...]).
     AddDisk { config: String },

@@ -460,12 +460,6 @@ impl Owner {
     fn reconnect(&mut self, conn: Connection) -> Result<(), String> {
         self.drop_connection();
         self.awaiting = false;
-        if self.paused.is_some() {
-            // The rings start on it when the VM resumes, from the used ring.
-            self.paused = Some(Vec::new());
-            self.conn = Some(conn);
-            return Ok(());
-        }
         let Some(active) = self.active.take() else {
             self.conn = Some(conn);
             return Ok(());
@@ -474,16 +468,6 @@ impl Owner {
         let missing = active.features & !offered;
         let queues = conn.negotiated().queues;
         let needed = active.rings.iter().map(|r| r.index + 1).max().unwrap_or(0) as u64;
-        self.conn = Some(conn);
-        if !self.in_order && self.inflight.is_none() {
-            let _ = writeln!(
-                std::io::stderr(),
-                "cloister: {}: the backend does not track requests in flight: those the last one \
-                 had not finished are taken again from the used ring's index, and may be lost or \
-                 repeated",
-                self.name
-            );
-        }
         let checked = if missing != 0 {
             Err(format!(
                 "the new backend lacks features the driver uses ({missing:#x})"
@@ -493,8 +477,27 @@ impl Owner {
                 "the new backend serves {queues} queues, the device runs {needed}"
             ))
         } else {
-            self.start(active.features, &active.rings, Base::Used)
+            Ok(())
         };
+        if checked.is_ok() {
+            self.conn = Some(conn);
+        }
+        if checked.is_ok() && self.paused.is_some() {
+            // The rings start on it when the VM resumes, from the used ring.
+            self.paused = Some(Vec::new());
+            self.active = Some(active);
+            return Ok(());
+        }
+        if checked.is_ok() && !self.in_order && self.inflight.is_none() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "cloister: {}: the backend does not track requests in flight: those the last one \
+                 had not finished are taken again from the used ring's index, and may be lost or \
+                 repeated",
+                self.name
+            );
+        }
+        let checked = checked.and_then(|()| self.start(active.features, &active.rings, Base::Used));
         if checked.is_err() {
             self.drop_connection();
         }
