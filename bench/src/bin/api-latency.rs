@@ -29,9 +29,12 @@ struct Args {
 fn main() {
     let args = Args::parse();
     let mut qmp = Qmp::connect(&args.qmp);
-    let mut keep = UnixStream::connect(&args.cloister).expect("connect to cloister's API");
     let status_once = time(args.runs, || http_once(&args.cloister, "GET", "vm.info"));
+    // Opened just now: the server serves one connection at a time, so an open connection
+    // holds the others until it is used or idle.
+    let mut keep = UnixStream::connect(&args.cloister).expect("connect to cloister's API");
     let status_kept = time(args.runs, || http(&mut keep, "GET", "vm.info", true));
+    drop(keep);
     let status_qmp = time(args.runs, || qmp.execute("query-status"));
     let pause = time(args.runs / 4 + 1, || {
         http_once(&args.cloister, "PUT", "vm.pause");
