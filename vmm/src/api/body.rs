@@ -293,52 +293,59 @@ pub fn net(v: &Value, at: &str) -> Result<String, BodyError> {
     Ok(out.finish())
 }
 
+/// A config whose fields all follow `rules`, as an option value.
+fn by_rules(v: &Value, at: &str, rules: &[(&str, Rule)]) -> Result<String, BodyError> {
+    let mut out = OptionValue::default();
+    translate(object(v, at)?, at, rules, &mut out)?;
+    Ok(out.finish())
+}
+
 /// An `FsConfig` as `--fs`'s value.
 pub fn fs(v: &Value, at: &str) -> Result<String, BodyError> {
-    let o = object(v, at)?;
-    let mut out = OptionValue::default();
-    let rules = [
-        ("tag", Rule::Str("tag")),
-        ("socket", Rule::Str("socket")),
-        ("num_queues", Rule::Int("num_queues")),
-        ("queue_size", Rule::Int("queue_size")),
-        ("id", Rule::Str("id")),
-        PCI_PLACEMENT[0],
-        PCI_PLACEMENT[1],
-    ];
-    translate(o, at, &rules, &mut out)?;
-    Ok(out.finish())
+    by_rules(
+        v,
+        at,
+        &[
+            ("tag", Rule::Str("tag")),
+            ("socket", Rule::Str("socket")),
+            ("num_queues", Rule::Int("num_queues")),
+            ("queue_size", Rule::Int("queue_size")),
+            ("id", Rule::Str("id")),
+            PCI_PLACEMENT[0],
+            PCI_PLACEMENT[1],
+        ],
+    )
 }
 
 /// A `VsockConfig` as `--vsock`'s value.
 pub fn vsock(v: &Value, at: &str) -> Result<String, BodyError> {
-    let o = object(v, at)?;
-    let mut out = OptionValue::default();
-    let rules = [
-        ("cid", Rule::Int("cid")),
-        ("socket", Rule::Str("socket")),
-        ("id", Rule::Str("id")),
-        ("iommu", Rule::Unsupported(Default::False)),
-        PCI_PLACEMENT[0],
-        PCI_PLACEMENT[1],
-    ];
-    translate(o, at, &rules, &mut out)?;
-    Ok(out.finish())
+    by_rules(
+        v,
+        at,
+        &[
+            ("cid", Rule::Int("cid")),
+            ("socket", Rule::Str("socket")),
+            ("id", Rule::Str("id")),
+            ("iommu", Rule::Unsupported(Default::False)),
+            PCI_PLACEMENT[0],
+            PCI_PLACEMENT[1],
+        ],
+    )
 }
 
 /// An `RngConfig` as `--rng`'s value.
 pub fn rng(v: &Value, at: &str) -> Result<String, BodyError> {
-    let o = object(v, at)?;
-    let mut out = OptionValue::default();
-    let rules = [
-        ("src", Rule::Str("src")),
-        ("id", Rule::Str("id")),
-        ("iommu", Rule::Unsupported(Default::False)),
-        PCI_PLACEMENT[0],
-        PCI_PLACEMENT[1],
-    ];
-    translate(o, at, &rules, &mut out)?;
-    Ok(out.finish())
+    by_rules(
+        v,
+        at,
+        &[
+            ("src", Rule::Str("src")),
+            ("id", Rule::Str("id")),
+            ("iommu", Rule::Unsupported(Default::False)),
+            PCI_PLACEMENT[0],
+            PCI_PLACEMENT[1],
+        ],
+    )
 }
 
 /// A `GenericVhostUserConfig` as `--generic-vhost-user`'s value.
