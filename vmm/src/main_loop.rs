@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::api::{self, body::ProcessOptions};
+use crate::api::{self, vm_config::ProcessOptions};
 use crate::config::{self, Cli, VmConfig};
 use crate::exit::ApiStop;
 use crate::lifecycle::{self, Command, Inbox, InboxState, Refusal, VmState};
@@ -313,7 +313,7 @@ impl Owner {
 
     /// `vm.create`: the body as a command line, checked as the command line is.
     fn create(&mut self, body: &[u8]) -> Result<(), Refusal> {
-        let cli = api::body::vm_config(body, &self.process)
+        let cli = api::vm_config::vm_config(body, &self.process)
             .map_err(|e| Refusal::new(400, e.to_string()))?;
         let cfg = VmConfig::from_cli(&cli, self.host_ram)
             .map_err(|e| Refusal::new(400, crate::error_chain(&e)))?;

@@ -9,6 +9,7 @@ pub mod body;
 pub mod client;
 pub mod http;
 pub mod routes;
+pub mod vm_config;
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -22,7 +23,7 @@ use cloister_seccomp::ThreadRole;
 
 use crate::lifecycle::Control;
 use crate::ConfigError;
-use body::ProcessOptions;
+use vm_config::ProcessOptions;
 
 /// The API socket, bound and listening.
 pub struct Listener {

@@ -3,8 +3,9 @@
 
 use serde_json::{json, Map, Value};
 
-use super::body::{self, BodyError, ProcessOptions};
+use super::body::{self, BodyError};
 use super::http::{Request, Response};
+use super::vm_config::ProcessOptions;
 use crate::config::device::TransportKind;
 use crate::device_manager::{DeviceManagerError, DeviceStatus};
 use crate::kinds::{self, DeviceSpec};
