@@ -334,7 +334,9 @@ ExecStart=
 ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,38400,9600 %I $TERM
 UNIT
         # Tells the console (and so the tests) that multi-user.target was reached; powers off
-        # when the command line asks, so a test run ends by itself.
+        # when the command line asks, so a test run ends by itself. Through the kernel's log
+        # (level 2, shown even with `quiet`), not the tty: agetty, starting on the same serial
+        # line at the same moment, hangs the tty up and took the line with it now and then.
         cat >"$tmp/root/etc/systemd/system/cloister-ready.service" <<'UNIT'
 [Unit]
 Description=Report reaching multi-user.target on the console
@@ -344,7 +346,7 @@ After=multi-user.target
 Type=oneshot
 StandardOutput=tty
 TTYPath=/dev/ttyS0
-ExecStart=/bin/sh -c 'echo "CLOISTER-DEBIAN-UP $(systemctl is-system-running)"; if grep -qw cloister.poweroff /proc/cmdline; then systemctl --no-block poweroff; fi'
+ExecStart=/bin/sh -c 'echo "<2>CLOISTER-DEBIAN-UP $(systemctl is-system-running)" >/dev/kmsg; if grep -qw cloister.poweroff /proc/cmdline; then systemctl --no-block poweroff; fi'
 
 [Install]
 WantedBy=multi-user.target

@@ -276,7 +276,9 @@ impl Vcpu {
             // With the in-kernel LAPIC, HLT does not exit; if it ever does, resuming is right.
             Ok(VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr) => return None,
             Ok(VcpuExit::Shutdown) => {
-                // Where it was is all there is to go on when a guest triple-faults.
+                // Where it was is all there is to go on when a guest triple-faults. (On AMD,
+                // KVM resets the vCPU when it intercepts the shutdown, so what it says there is
+                // the reset state, rip 0xfff0; on Intel, where the guest was.)
                 return Some(ExitReason::TripleFault {
                     vcpu: self.index,
                     state: self.where_it_was(),
