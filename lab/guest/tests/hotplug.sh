@@ -43,10 +43,19 @@ if [ -z "$event" ]; then
     dmesg | grep -i -e button -e ACPI0013 -e GED -e PNP0C0C
     exit 1
 fi
+# The reader must hold the device open before the host presses: evdev keeps events only for
+# readers that have it open.
+timeout 120 dd if="/dev/input/$event" bs=24 count=1 of=/tmp/event 2>/dev/null &
+reader=$!
+i=0
+until ls -l "/proc/$reader/fd" 2>/dev/null | grep -q "input/$event"; do
+    [ "$i" -lt 100 ] || break
+    sleep 0.1
+    i=$((i + 1))
+done
 echo "CLOISTER-HOTPLUG button-ready"
 # One input event (24 bytes on x86_64) from the button: KEY_POWER down.
-if timeout 120 dd if="/dev/input/$event" bs=24 count=1 of=/tmp/event 2>/dev/null \
-    && [ -s /tmp/event ]; then
+if wait "$reader" && [ -s /tmp/event ]; then
     echo "CLOISTER-HOTPLUG button=pressed"
 else
     echo "CLOISTER-HOTPLUG button=silent"
